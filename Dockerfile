@@ -1,0 +1,26 @@
+# The prompter-worker image: slim, non-root, dependencies in their own cached layer.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when the pins change.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock
+
+# Then the project itself (no dependency resolution: everything is already installed).
+COPY pyproject.toml README.md alembic.ini ./
+COPY alembic ./alembic
+COPY worker ./worker
+RUN pip install --no-deps . \
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin prompter
+
+USER 10001
+ENV PROMPTER_ALEMBIC_INI=/app/alembic.ini \
+    PROMPTER_LOG_FORMAT=json
+ENTRYPOINT ["prompter-worker"]
+CMD ["run"]

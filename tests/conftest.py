@@ -1,0 +1,101 @@
+"""Fixtures against the real local PostgreSQL and RabbitMQ.
+
+Every test gets its own database, copied from a template database migrated once per
+session, and its own queue and exchange names. Fixtures drop what they created and touch
+nothing else. Servers are named by ``PROMPTER_TEST_ADMIN_URL`` (a superuser connection to a
+maintenance database) and ``PROMPTER_TEST_AMQP_URL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_URL = os.environ.get(
+    "PROMPTER_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+AMQP_URL = os.environ.get("PROMPTER_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def database_url(name: str) -> str:
+    parts = urllib.parse.urlsplit(ADMIN_URL)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(ADMIN_URL)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def admin(sql: str) -> None:
+    asyncio.run(_admin(sql))
+
+
+def create_database(name: str, template: str = "template0") -> str:
+    admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}" ENCODING \'UTF8\'')
+    return database_url(name)
+
+
+def drop_database(name: str) -> None:
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def migrated_template() -> Iterator[str]:
+    """A database migrated to head once per session; tests get copies of it."""
+    from worker import migrations
+
+    name = unique_name("prompter_test_tpl")
+    url = create_database(name)
+    try:
+        migrations.upgrade(url)
+        yield name
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    """A fresh, empty database (no migrations) of this test's own; its URL."""
+    name = unique_name("prompter_test")
+    url = create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def database(migrated_template: str) -> Iterator[str]:
+    """A migrated database of this test's own; its URL."""
+    name = unique_name("prompter_test")
+    url = create_database(name, template=migrated_template)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to this test's database, for setup and assertions."""
+    connection = await asyncpg.connect(database)
+    try:
+        yield connection
+    finally:
+        await connection.close()

@@ -1,0 +1,361 @@
+"""Settings: one frozen value, read from the environment and overridden by CLI flags.
+
+Every setting is declared once, in :class:`Settings`, with its environment variable, its
+flag and its help. The CLI builds its options from these declarations and the README's
+table is checked against them by a test, so the three never drift apart.
+
+No I/O here beyond ``os.environ`` and the ``*_FILE`` secret files it names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/prompter"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+#: Variables that may hold credentials, readable from a file named by ``<NAME>_FILE``.
+SECRET_VARIABLES = ("DATABASE_URL", "AMQP_URL")
+
+Parser = Callable[[str], Any]
+
+
+def _int_range(low: int, high: int) -> Parser:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_range(low: float, high: float) -> Parser:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"must be a number, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, got {value:g}")
+        return value
+
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _name(raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 255:
+        raise ValueError("must be a non-empty name of at most 255 characters")
+    return value
+
+
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(
+            f"must be a postgresql:// URL, got scheme {parts.scheme!r} in {mask_url(value)}"
+        )
+    return value
+
+
+def _amqp_url(raw: str) -> str:
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("must name at least one amqp:// or amqps:// URL")
+    for url in urls:
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ValueError(f"must be an amqp:// or amqps:// URL, got {mask_url(url)}")
+    return ",".join(urls)
+
+
+def setting(default: Any, env: str, help: str, parse: Parser, *, secret: bool = False) -> Any:
+    """Declare one setting: its default, environment variable, help text and parser."""
+    return field(
+        default=default,
+        metadata={"env": env, "help": help, "parse": parse, "secret": secret},
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the worker and its commands can be told, validated."""
+
+    database_url: str = setting(
+        DEFAULT_DATABASE_URL,
+        "DATABASE_URL",
+        "PostgreSQL URL (libpq style; sslmode and sslrootcert pass through).",
+        _database_url,
+        secret=True,
+    )
+    amqp_url: str = setting(
+        DEFAULT_AMQP_URL,
+        "AMQP_URL",
+        "RabbitMQ URL; several comma-separated URLs name the nodes of a cluster.",
+        _amqp_url,
+        secret=True,
+    )
+    exchange: str = setting(
+        "prompter.events", "PROMPTER_EXCHANGE", "Topic exchange events are published to.", _name
+    )
+    queue: str = setting(
+        "prompter.ingest", "PROMPTER_QUEUE", "Live queue (bound with prompt_run.*).", _name
+    )
+    replay_queue: str = setting(
+        "prompter.ingest.replay",
+        "PROMPTER_REPLAY_QUEUE",
+        "Backfill queue (bound with prompt_run.*.replay).",
+        _name,
+    )
+    dead_letter_exchange: str = setting(
+        "prompter.dlx", "PROMPTER_DEAD_LETTER_EXCHANGE", "Dead-letter exchange.", _name
+    )
+    dead_letter_queue: str = setting(
+        "prompter.ingest.dead", "PROMPTER_DEAD_LETTER_QUEUE", "Dead-letter queue.", _name
+    )
+    delivery_limit: int = setting(
+        20,
+        "PROMPTER_DELIVERY_LIMIT",
+        "Deliveries before the broker dead-letters a message that keeps failing.",
+        _int_range(1, 1_000_000),
+    )
+    declare: bool = setting(
+        True,
+        "PROMPTER_DECLARE",
+        "Declare the topology at start; false checks it passively (an admin owns it).",
+        _bool,
+    )
+    prefetch: int = setting(
+        2000,
+        "PROMPTER_PREFETCH",
+        "Unacked deliveries held from the live queue.",
+        _int_range(1, 65535),
+    )
+    replay_prefetch: int = setting(
+        500,
+        "PROMPTER_REPLAY_PREFETCH",
+        "Unacked deliveries held from the replay queue (its smaller share).",
+        _int_range(1, 65535),
+    )
+    batch_size: int = setting(
+        500, "PROMPTER_BATCH_SIZE", "Most events written in one transaction.", _int_range(1, 10000)
+    )
+    batch_wait_ms: int = setting(
+        50,
+        "PROMPTER_BATCH_WAIT_MS",
+        "Longest wait for a batch to fill before it is written anyway.",
+        _int_range(0, 60_000),
+    )
+    max_event_bytes: int = setting(
+        1_048_576,
+        "PROMPTER_MAX_EVENT_BYTES",
+        "Largest event body accepted; larger ones are rejected before parsing.",
+        _int_range(256, 128 * 1_048_576),
+    )
+    db_pool_size: int = setting(
+        2, "PROMPTER_DB_POOL_SIZE", "PostgreSQL connections per worker process.", _int_range(1, 100)
+    )
+    statement_cache_size: int = setting(
+        100,
+        "PROMPTER_STATEMENT_CACHE_SIZE",
+        "asyncpg prepared-statement cache; 0 behind PgBouncer in transaction mode.",
+        _int_range(0, 10_000),
+    )
+    retry_max_seconds: float = setting(
+        30.0,
+        "PROMPTER_RETRY_MAX_SECONDS",
+        "Cap of the exponential backoff between retries of a transient fault.",
+        _float_range(0.1, 3600),
+    )
+    shutdown_timeout: float = setting(
+        30.0,
+        "PROMPTER_SHUTDOWN_TIMEOUT",
+        "Seconds a stopping worker may take to finish its batch and close.",
+        _float_range(0.5, 3600),
+    )
+    metrics_port: int = setting(
+        0,
+        "PROMPTER_METRICS_PORT",
+        "Port of /metrics, /healthz and /readyz; 0 turns the server off.",
+        _int_range(0, 65535),
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", "PROMPTER_METRICS_HOST", "Address the metrics server listens on.", _name
+    )
+    log_level: str = setting(
+        "info",
+        "PROMPTER_LOG_LEVEL",
+        "Log level.",
+        _choice("debug", "info", "warning", "error"),
+    )
+    log_format: str = setting(
+        "auto",
+        "PROMPTER_LOG_FORMAT",
+        "Log format: json, text, or auto (text on a terminal, JSON otherwise).",
+        _choice("auto", "json", "text"),
+    )
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field[Any], ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
+        """Read settings from ``environ`` (default ``os.environ``), then apply ``overrides``.
+
+        Overrides are values already typed (from CLI flags); ``None`` means "not given".
+        Raises :class:`ConfigError` listing every invalid setting, each named by its
+        environment variable and flag.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in cls.fields():
+            meta = f.metadata
+            name = meta["env"]
+            flag = "--" + f.name.replace("_", "-")
+            try:
+                override = overrides.pop(f.name, None)
+                if override is not None:
+                    raw = override if isinstance(override, str) else None
+                    values[f.name] = meta["parse"](raw) if raw is not None else override
+                    continue
+                raw = _read_variable(env, name, secret=meta["secret"])
+                if raw is not None:
+                    values[f.name] = meta["parse"](raw)
+            except ValueError as exc:
+                problems.append(f"{name} ({flag}): {exc}")
+        if overrides:
+            problems.append(f"unknown settings: {', '.join(sorted(overrides))}")
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Cross-field rules, and warnings about settings that weaken security."""
+        problems: list[str] = []
+        if self.queue == self.replay_queue:
+            problems.append("PROMPTER_QUEUE and PROMPTER_REPLAY_QUEUE must differ")
+        if self.dead_letter_queue in (self.queue, self.replay_queue):
+            problems.append("PROMPTER_DEAD_LETTER_QUEUE must differ from the ingest queues")
+        if self.dead_letter_exchange == self.exchange:
+            problems.append("PROMPTER_DEAD_LETTER_EXCHANGE must differ from PROMPTER_EXCHANGE")
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict, with every credential masked: safe to log or print."""
+        out: dict[str, Any] = {}
+        for f in self.fields():
+            value = getattr(self, f.name)
+            out[f.name] = mask_url(value) if f.metadata["secret"] else value
+        return out
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Settings({inner})"
+
+
+def _read_variable(env: Mapping[str, str], name: str, *, secret: bool) -> str | None:
+    value = env.get(name)
+    if not secret:
+        return value
+    path = env.get(name + "_FILE")
+    if path is None:
+        return value
+    if value is not None:
+        raise ValueError(f"set {name} or {name}_FILE, not both")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            content = fh.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {name}_FILE {path!r}: {exc.strerror}") from None
+    if not content:
+        raise ValueError(f"{name}_FILE {path!r} is empty")
+    return content
+
+
+def mask_url(url: str) -> str:
+    """Replace the password of every URL in ``url`` (comma-separated allowed) with ``***``.
+
+    Also masks ``password=`` query parameters. Anything that does not parse is masked whole
+    rather than risk printing a secret.
+    """
+    return ",".join(_mask_one(part) for part in url.split(","))
+
+
+def _mask_one(url: str) -> str:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            user, sep, _password = userinfo.partition(":")
+            netloc = f"{user}:***@{hostinfo}" if sep else f"{user}@{hostinfo}"
+        query = parts.query
+        if query:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+            query = urllib.parse.urlencode(
+                [(k, "***" if k.lower() in ("password", "sslpassword") else v) for k, v in pairs],
+                safe="*/:",
+            )
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "***"
+
+
+def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """Only ``DATABASE_URL`` (or ``DATABASE_URL_FILE``), validated: what migrations need."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = _read_variable(env, "DATABASE_URL", secret=True)
+        return _database_url(raw) if raw is not None else DEFAULT_DATABASE_URL
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL: {exc}") from None
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The URL as asyncpg takes it: SQLAlchemy's ``postgresql+asyncpg://`` is mapped back."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "+" in scheme:
+        return f"{scheme.split('+', 1)[0]}://{rest}"
+    return url

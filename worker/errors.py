@@ -1,0 +1,91 @@
+"""One exception tree for the whole worker.
+
+::
+
+    WorkerError
+    ├── ConfigError              invalid settings; the process exits with a message, never a trace
+    ├── PermanentError           the same input will fail the same way again: never retried
+    │   ├── Rejection (value)    one event refused, with a machine ``reason`` and a human ``detail``
+    │   │                        (raised by the publisher library; returned, not raised, by
+    │   │                        the decoder and the store, which handle batches)
+    │   ├── UnroutableError      the broker returned a mandatory message: no queue is bound
+    │   └── PublishError         the broker refused (nacked) or never confirmed a message
+    └── TransientError           the infrastructure failed; retry with backoff, dead-letter nothing
+        ├── DatabaseUnavailable  connection lost or refused, server starting or shutting down,
+        │                        too many connections, cached plan invalidated by a migration
+        ├── DatabaseConflict     deadlock or serialization failure: retry the transaction
+        ├── DatabaseError        any other database failure that is not the data's fault
+        │                        (missing table, missing privilege): retried, logged as an error
+        └── BrokerUnavailable    the broker connection or channel is gone
+
+Rejections are permanent and belong to one event; transient errors belong to the batch and
+never turn into rejections. :func:`worker.store.classify` maps asyncpg exceptions onto this
+tree by SQLSTATE and exception type.
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+
+class ConfigError(WorkerError):
+    """Settings are invalid. The message names each variable and flag, and says why."""
+
+
+class PermanentError(WorkerError):
+    """The same input will fail the same way again."""
+
+
+class Rejection(PermanentError):
+    """One event refused: ``reason`` is a machine code, ``detail`` a human sentence.
+
+    ``detail`` names the field or JSON path at fault; it never quotes the payload beyond
+    the offending field name, so it is safe to log.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rejection) and (self.reason, self.detail) == (
+            other.reason,
+            other.detail,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.reason, self.detail))
+
+    def __repr__(self) -> str:
+        return f"Rejection({self.reason!r}, {self.detail!r})"
+
+
+class UnroutableError(PermanentError):
+    """A mandatory message was returned by the broker: nothing is bound to take it."""
+
+
+class PublishError(PermanentError):
+    """The broker nacked a message, or the confirm never came."""
+
+
+class TransientError(WorkerError):
+    """A fault of the infrastructure, not of the data: retry later, keep the messages."""
+
+
+class DatabaseUnavailable(TransientError):
+    """PostgreSQL cannot be reached or is not accepting work right now."""
+
+
+class DatabaseConflict(TransientError):
+    """Deadlock or serialization failure: the transaction can simply be run again."""
+
+
+class DatabaseError(TransientError):
+    """A database failure that is not the data's fault (schema, privileges, internal)."""
+
+
+class BrokerUnavailable(TransientError):
+    """RabbitMQ cannot be reached, or the channel closed under us."""
