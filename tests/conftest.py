@@ -14,9 +14,13 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
+
+if TYPE_CHECKING:
+    from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -99,3 +103,22 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    """The worker's own pool (orjson codecs) on this test's database."""
+    from worker.store import create_pool
+
+    p = await create_pool(database, max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def store(pool: asyncpg.Pool) -> Store:
+    from worker.store import Store
+
+    return Store(pool)

@@ -8,15 +8,16 @@ as the matching flag (the flag wins); commands declare which settings they take 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import click
 
 from worker import __version__, logs
-from worker.config import Settings
+from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import ConfigError, WorkerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,6 +54,30 @@ def settings_options(*names: str) -> Callable[[F], F]:
     return decorate
 
 
+@contextlib.asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[Any]:
+    """One connection with the pool's codecs; failures become a clean error message."""
+    import asyncpg
+
+    from worker import store
+
+    try:
+        conn = await asyncpg.connect(
+            asyncpg_dsn(settings.database_url),
+            timeout=10,
+            statement_cache_size=settings.statement_cache_size,
+        )
+    except Exception as exc:
+        raise click.ClickException(
+            f"cannot reach PostgreSQL at {mask_url(settings.database_url)}: {store.classify(exc)}"
+        ) from None
+    try:
+        await store.init_connection(conn)
+        yield conn
+    finally:
+        await conn.close()
+
+
 def run_async(coro: Any) -> Any:
     """Run a coroutine, turning the worker's own errors into a clean exit with a message."""
     try:
@@ -85,6 +110,118 @@ def migrate(settings: Settings, revision: str, sql: bool, create_database: bool)
         migrations.upgrade(settings.database_url, revision, sql=sql)
     except (OSError, ConnectionError) as exc:
         raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from None
+
+
+@main.group()
+def templates() -> None:
+    """Register, list and soft-delete prompt templates."""
+
+
+@templates.command("add")
+@click.argument("file", type=click.File("rb"))
+@settings_options("database_url", "log_level", "log_format")
+def templates_add(settings: Settings, file: Any) -> None:
+    """Register the template in FILE (JSON; - for stdin). Prints its id.
+
+    Registering a config that an active template of the workspace already has returns that
+    template instead of a copy.
+    """
+    import orjson
+
+    from worker import templates as tpl
+    from worker.errors import Rejection
+
+    try:
+        spec = tpl.parse_spec(orjson.loads(file.read()))
+    except orjson.JSONDecodeError as exc:
+        raise click.ClickException(f"{file.name}: not JSON: {exc}") from None
+    except Rejection as exc:
+        raise click.ClickException(f"{file.name}: {exc.detail}") from None
+
+    async def go() -> tuple[str, bool]:
+        async with database(settings) as conn:
+            return await tpl.register(conn, spec)
+
+    template_id, created = run_async(go())
+    click.echo(template_id)
+    click.echo("registered" if created else "already registered (same config)", err=True)
+
+
+@templates.command("list")
+@click.option("--org", "org_id", help="Only this org (UUID).")
+@click.option("--workspace", "workspace_id", help="Only this workspace (UUID).")
+@click.option("--all", "include_deleted", is_flag=True, help="Include soft-deleted templates.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@settings_options("database_url", "log_level", "log_format")
+def templates_list(
+    *,
+    settings: Settings,
+    org_id: str | None,
+    workspace_id: str | None,
+    include_deleted: bool,
+    as_json: bool,
+    limit: int,
+) -> None:
+    """List templates, oldest first."""
+    import dataclasses
+
+    import orjson
+
+    from worker import templates as tpl
+
+    for value, name in ((org_id, "--org"), (workspace_id, "--workspace")):
+        if value is not None:
+            _check_uuid(value, name)
+
+    async def go() -> list[tpl.TemplateRow]:
+        async with database(settings) as conn:
+            return await tpl.list_templates(
+                conn,
+                org_id=org_id,
+                workspace_id=workspace_id,
+                include_deleted=include_deleted,
+                limit=limit,
+            )
+
+    rows = run_async(go())
+    if as_json:
+        for row in rows:
+            click.echo(orjson.dumps(dataclasses.asdict(row)).decode())
+        return
+    click.echo(f"{'id':36}  {'workspace':36}  {'model':20}  {'state':8}  name")
+    for row in rows:
+        state = "deleted" if row.deleted_at else "active"
+        click.echo(
+            f"{row.id:36}  {row.workspace_id:36}  {row.model_id[:20]:20}  {state:8}  {row.name}"
+        )
+
+
+@templates.command("delete")
+@click.argument("template_id")
+@settings_options("database_url", "log_level", "log_format")
+def templates_delete(settings: Settings, template_id: str) -> None:
+    """Soft-delete a template. Its history stays, and late results are still accepted."""
+    from worker import templates as tpl
+
+    _check_uuid(template_id, "TEMPLATE_ID")
+
+    async def go() -> bool:
+        async with database(settings) as conn:
+            return await tpl.soft_delete(conn, template_id)
+
+    if not run_async(go()):
+        raise click.ClickException(f"no active template {template_id}")
+    click.echo(f"deleted {template_id}")
+
+
+def _check_uuid(value: str, name: str) -> None:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a UUID", param_hint=name) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,418 @@
+"""Ingestion into a real PostgreSQL: idempotent, order-independent, tenant-safe, never stuck."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from datetime import datetime, timedelta
+
+import asyncpg
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.factories import BASE_TIME, Tenant, encode, event, event_doc, make_tenant, snapshot
+from worker import store as store_module
+from worker.errors import (
+    DatabaseConflict,
+    DatabaseError,
+    DatabaseUnavailable,
+    Rejection,
+    TransientError,
+)
+from worker.events import Event, decode
+from worker.store import Outcome, Store
+
+
+def at(seconds: float) -> datetime:
+    return BASE_TIME + timedelta(seconds=seconds)
+
+
+async def test_result_row_holds_the_event(store: Store, conn: asyncpg.Connection) -> None:
+    """id = event_id, created_at = occurred_at, version_id = the version, JSONB as sent."""
+    t = await make_tenant(conn)
+    e = event(
+        t,
+        occurred_at=at(5),
+        analysis_config={"rubric": "strict", "weights": [1, 2]},
+        request={"messages": [{"role": "user", "content": "héllo ✓"}], "n": 1},
+    )
+    result = await store.ingest([e])
+    assert result.outcomes == [Outcome.STORED]
+    row = await conn.fetchrow("SELECT * FROM prompt_results")
+    version = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert str(row["id"]) == e.event_id
+    assert row["created_at"] == at(5)
+    assert row["version_id"] == version["id"]
+    assert (str(row["org_id"]), str(row["workspace_id"]), str(row["template_id"])) == (
+        t.org_id,
+        t.workspace_id,
+        t.template_id,
+    )
+    assert row["provider_version_key"] == "gpt-4o-2024-08-06"
+    assert row["system_fingerprint"] == e.system_fingerprint
+    sent = orjson.loads(e.body)
+    assert orjson.loads(row["request"]) == sent["request"]
+    assert orjson.loads(row["response"]) == sent["response"]
+    assert orjson.loads(row["analysis_config"]) == {"rubric": "strict", "weights": [1, 2]}
+
+
+async def test_null_analysis_config_is_sql_null(store: Store, conn: asyncpg.Connection) -> None:
+    """A JSON null (or absent) analysis_config is stored as SQL NULL, not the JSON 'null'."""
+    t = await make_tenant(conn)
+    absent = event_doc(t)
+    del absent["analysis_config"]
+    events = [event(t, analysis_config=None), decode(encode(absent))]
+    assert all(isinstance(e, Event) for e in events)
+    await store.ingest(events)  # type: ignore[arg-type]
+    nulls = await conn.fetchval("SELECT count(*) FROM prompt_results WHERE analysis_config IS NULL")
+    assert nulls == 2
+
+
+async def test_big_integers_are_kept_exact(store: Store, conn: asyncpg.Connection) -> None:
+    """Integers beyond 64 bits land in jsonb exactly (orjson alone would make them floats)."""
+    t = await make_tenant(conn)
+    body = encode(event_doc(t))[:-1] + b', "ignored": 1}'
+    body = body.replace(b'"prompt_tokens":42', b'"prompt_tokens":123456789012345678901234567890')
+    e = decode(body)
+    assert isinstance(e, Event)
+    await store.ingest([e])
+    stored = await conn.fetchval("SELECT response->'usage'->>'prompt_tokens' FROM prompt_results")
+    assert stored == "123456789012345678901234567890"
+
+
+async def test_repeated_event_is_a_counted_duplicate(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """A repeated event_id is a no-op, in the same batch or a later one, counted."""
+    t = await make_tenant(conn)
+    e = event(t)
+    first = await store.ingest([e, e])
+    assert first.outcomes == [Outcome.STORED, Outcome.DUPLICATE]
+    again = await store.ingest([e])
+    assert again.outcomes == [Outcome.DUPLICATE]
+    assert (again.stored, again.duplicates) == (0, 1)
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 1
+
+
+async def test_version_row_collapses_a_batch(store: Store, conn: asyncpg.Connection) -> None:
+    """Several events for one key in one batch: one row, least/greatest/newest."""
+    t = await make_tenant(conn)
+    batch = [
+        event(t, occurred_at=at(50), model_id="gpt-4o-mid"),
+        event(t, occurred_at=at(10), fingerprint_captured_at=at(3).isoformat()),
+        event(t, occurred_at=at(90), model_id="gpt-4o-new", provider="azure-openai"),
+        event(t, occurred_at=at(30), fingerprint_captured_at=at(7).isoformat()),
+    ]
+    await store.ingest(batch)
+    rows = await conn.fetch("SELECT * FROM prompt_versions")
+    assert len(rows) == 1
+    v = rows[0]
+    assert (v["first_seen_at"], v["last_seen_at"]) == (at(10), at(90))
+    assert v["fingerprint_captured_at"] == at(7)
+    assert (v["provider"], v["model_id"]) == ("azure-openai", "gpt-4o-new")
+
+
+async def test_version_row_merges_across_batches(store: Store, conn: asyncpg.Connection) -> None:
+    """An older event arriving later widens first_seen but does not change the newest fields."""
+    t = await make_tenant(conn)
+    await store.ingest([event(t, occurred_at=at(100), model_id="new")])
+    await store.ingest([event(t, occurred_at=at(1), model_id="old")])
+    await store.ingest([event(t, occurred_at=at(50), fingerprint_captured_at=at(2).isoformat())])
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"], v["model_id"]) == (at(1), at(100), "new")
+    assert v["fingerprint_captured_at"] == at(2)
+    assert await conn.fetchval("SELECT count(DISTINCT version_id) FROM prompt_results") == 1
+
+
+async def test_ties_resolve_the_same_in_any_order(database: str, conn: asyncpg.Connection) -> None:
+    """Two newest events at the same instant: the winner does not depend on arrival order."""
+    t = await make_tenant(conn)
+    a = event(t, occurred_at=at(9), model_id="model-a")
+    b = event(t, occurred_at=at(9), model_id="model-b")
+    pool = await store_module.create_pool(database)
+    try:
+        s = Store(pool)
+        await s.ingest([a])
+        await s.ingest([b])
+        first = await conn.fetchval("SELECT model_id FROM prompt_versions")
+        await conn.execute("TRUNCATE prompt_results, prompt_versions")
+        await s.ingest([b])
+        await s.ingest([a])
+        second = await conn.fetchval("SELECT model_id FROM prompt_versions")
+    finally:
+        await pool.close()
+    assert first == second == "model-b"
+
+
+async def test_tenant_rules(store: Store, conn: asyncpg.Connection) -> None:
+    """Unknown template and another tenant's template are rejected; neighbours are stored."""
+    t = await make_tenant(conn)
+    other = await make_tenant(conn)
+    good = event(t)
+    unknown = event(Tenant(t.org_id, t.workspace_id, str(uuid.uuid4())))
+    wrong_org = event(Tenant(str(uuid.uuid4()), t.workspace_id, t.template_id))
+    wrong_ws = event(Tenant(t.org_id, other.workspace_id, t.template_id))
+    result = await store.ingest([unknown, good, wrong_org, wrong_ws])
+    assert result.outcomes[1] is Outcome.STORED
+    reasons = [o.reason for o in result.outcomes if isinstance(o, Rejection)]
+    assert reasons == ["unknown_template", "template_tenant_mismatch", "template_tenant_mismatch"]
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 1
+    assert await conn.fetchval("SELECT count(*) FROM prompt_versions") == 1
+
+
+async def test_template_registered_later_is_found(store: Store, conn: asyncpg.Connection) -> None:
+    """An unknown template is not cached as unknown: once registered, its events are stored."""
+    from tests.factories import template_doc
+    from worker import templates
+
+    org, ws = str(uuid.uuid4()), str(uuid.uuid4())
+    spec = templates.parse_spec(template_doc(org, ws))
+    e = event(Tenant(org, ws, str(uuid.uuid4())))
+    assert (await store.ingest([e])).outcomes[0].reason == "unknown_template"  # type: ignore[union-attr]
+    template_id, _ = await templates.register(conn, spec)
+    e2 = event(Tenant(org, ws, template_id))
+    assert (await store.ingest([e2])).outcomes == [Outcome.STORED]
+
+
+async def test_soft_deleted_template_still_takes_results(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """History arrives late: a soft-deleted template keeps accepting results."""
+    from worker import templates
+
+    t = await make_tenant(conn)
+    assert await templates.soft_delete(conn, t.template_id)
+    assert (await store.ingest([event(t)])).outcomes == [Outcome.STORED]
+
+
+async def test_data_error_is_isolated_by_splitting_the_batch(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """If PostgreSQL refuses an event the decoder let through, only that event is rejected."""
+    t = await make_tenant(conn)
+    good = [event(t, occurred_at=at(i)) for i in range(9)]
+    base = event(t)
+    # Forge what the decoder would refuse: a NUL escape PostgreSQL cannot store.
+    bad = Event(
+        **{f: getattr(base, f) for f in Event.__dataclass_fields__ if f != "body"},
+        body=encode(event_doc(t, request={"x": "\u0000"})),
+    )
+    batch = [*good[:4], bad, *good[4:]]
+    result = await store.ingest(batch)
+    assert result.stored == 9
+    [(index, rejection)] = result.rejected
+    assert index == 4
+    assert rejection.reason == "unstorable_content"
+    assert "22P05" in rejection.detail
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 9
+
+
+async def test_template_deleted_under_the_cache_is_an_unknown_template(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """A hard-deleted template the cache still knows: FK violation -> that event rejected."""
+    t = await make_tenant(conn)
+    gone = await make_tenant(conn)
+    await store.ingest([event(gone)])
+    await conn.execute("DELETE FROM prompt_results")
+    await conn.execute("DELETE FROM prompt_versions")
+    await conn.execute("DELETE FROM prompt_templates WHERE id = $1", uuid.UUID(gone.template_id))
+    result = await store.ingest([event(t), event(gone), event(t)])
+    assert [o if o is Outcome.STORED else o.reason for o in result.outcomes] == [  # type: ignore[union-attr]
+        Outcome.STORED,
+        "unknown_template",
+        Outcome.STORED,
+    ]
+
+
+async def test_empty_batch(store: Store) -> None:
+    """Nothing in, nothing out, no round trip needed."""
+    assert (await store.ingest([])).outcomes == []
+
+
+async def test_concurrent_ingest_on_overlapping_keys(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """Four concurrent ingest calls on shared keys and shared events: no deadlock, right rows."""
+    tenants = [await make_tenant(conn) for _ in range(3)]
+    rng = random.Random(7)
+    pool_of_events = [
+        event(rng.choice(tenants), version_key=f"v{rng.randrange(4)}", occurred_at=at(i), rng=rng)
+        for i in range(800)
+    ]
+    batches = []
+    for _ in range(4):
+        chosen = rng.sample(pool_of_events, 500)
+        batches.append([chosen[i : i + 100] for i in range(0, 500, 100)])
+
+    async def worker(my_batches: list[list[Event]]) -> None:
+        for b in my_batches:
+            await store.ingest(b)
+
+    await asyncio.wait_for(asyncio.gather(*(worker(b) for b in batches)), timeout=60)
+    expected = {e.event_id for b in batches for part in b for e in part}
+    stored = {str(r[0]) for r in await conn.fetch("SELECT id FROM prompt_results")}
+    assert stored == expected
+    keys = {
+        (e.org_id, e.workspace_id, e.template_id, e.provider_version_key)
+        for e in pool_of_events
+        if e.event_id in expected
+    }
+    assert await conn.fetchval("SELECT count(*) FROM prompt_versions") == len(keys)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_any_order_any_repeats_any_batches_same_tables(
+    database: str, data: st.DataObject
+) -> None:
+    """Random events, shuffled, repeated and split into random batches: identical tables."""
+    conn = await asyncpg.connect(database)
+    pool = await store_module.create_pool(database)
+    try:
+        await conn.execute("TRUNCATE prompt_results, prompt_versions, prompt_templates CASCADE")
+        tenants = [await make_tenant(conn) for _ in range(2)]
+        seed = data.draw(st.integers(0, 2**32), label="seed")
+        rng = random.Random(seed)
+        n = data.draw(st.integers(1, 40), label="events")
+        events = [
+            event(
+                rng.choice(tenants),
+                rng=rng,
+                version_key=rng.choice(["k1", "k2", "k3"]),
+                occurred_at=at(rng.randrange(6)),  # few instants: many ties
+                model_id=rng.choice(["m1", "m2"]),
+                provider=rng.choice(["p1", "p2"]),
+                fingerprint_captured_at=rng.choice([None, at(rng.randrange(5)).isoformat()]),
+            )
+            for _ in range(n)
+        ]
+        await Store(pool).ingest(sorted(events, key=lambda e: e.event_id))
+        reference = await snapshot(conn)
+        await conn.execute("TRUNCATE prompt_results, prompt_versions")
+
+        stream = events + data.draw(st.lists(st.sampled_from(events), max_size=20), label="repeats")
+        stream = data.draw(st.permutations(stream), label="order")
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(stream)), max_size=6), label="cuts"))
+        fresh = Store(pool)  # a new worker: cold template cache
+        start = 0
+        for cut in [*cuts, len(stream)]:
+            if cut > start:
+                await fresh.ingest(stream[start:cut])
+                start = cut
+        assert await snapshot(conn) == reference
+    finally:
+        await pool.close()
+        await conn.close()
+
+
+# --- transient failures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (asyncpg.exceptions.ConnectionDoesNotExistError("gone"), DatabaseUnavailable),
+        (asyncpg.exceptions.ConnectionFailureError("x"), DatabaseUnavailable),
+        (asyncpg.exceptions.AdminShutdownError("terminating"), DatabaseUnavailable),
+        (asyncpg.exceptions.CrashShutdownError("crash"), DatabaseUnavailable),
+        (asyncpg.exceptions.CannotConnectNowError("starting up"), DatabaseUnavailable),
+        (asyncpg.exceptions.TooManyConnectionsError("too many"), DatabaseUnavailable),
+        (asyncpg.exceptions.InvalidCachedStatementError("plan changed"), DatabaseUnavailable),
+        (asyncpg.exceptions.OutOfMemoryError("oom"), DatabaseUnavailable),
+        (asyncpg.exceptions.DeadlockDetectedError("deadlock"), DatabaseConflict),
+        (asyncpg.exceptions.SerializationError("serialize"), DatabaseConflict),
+        (asyncpg.exceptions.LockNotAvailableError("lock"), DatabaseConflict),
+        (asyncpg.exceptions.QueryCanceledError("timeout"), DatabaseConflict),
+        (asyncpg.exceptions.UndefinedTableError("no table"), DatabaseError),
+        (asyncpg.exceptions.InsufficientPrivilegeError("denied"), DatabaseError),
+        (asyncpg.exceptions.InterfaceError("connection is closed"), DatabaseUnavailable),
+        (ConnectionRefusedError(111, "refused"), DatabaseUnavailable),
+        (OSError(113, "no route"), DatabaseUnavailable),
+        (TimeoutError(), DatabaseUnavailable),
+    ],
+)
+def test_classify_by_sqlstate_and_type(exc: BaseException, kind: type[TransientError]) -> None:
+    """Infrastructure failures map onto the transient branch, by SQLSTATE and type."""
+    out = store_module.classify(exc)
+    assert type(out) is kind
+    assert not store_module.is_data_error(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.exceptions.UntranslatableCharacterError("\\u0000"),
+        asyncpg.exceptions.InvalidTextRepresentationError("bad json"),
+        asyncpg.exceptions.ForeignKeyViolationError("fk"),
+        asyncpg.exceptions.NumericValueOutOfRangeError("numeric"),
+        asyncpg.exceptions.ProgramLimitExceededError("index row too big"),
+    ],
+)
+def test_data_errors_are_not_transient(exc: asyncpg.PostgresError) -> None:
+    """Data errors belong to an event: they are split out, never retried forever."""
+    assert store_module.is_data_error(exc)
+
+
+async def test_terminated_connection_is_a_retryable_error(
+    store: Store, conn: asyncpg.Connection, database: str
+) -> None:
+    """pg_terminate_backend mid-batch: DatabaseUnavailable, nothing committed, retry works."""
+    t = await make_tenant(conn)
+    batch = [event(t) for _ in range(50)]
+    await store.ingest([event(t)])  # warm up the pool's connections
+    blocker = await asyncpg.connect(database)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE prompt_results IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(store.ingest(batch))
+        # Wait until the worker's statement is blocked on the lock, then kill its backend.
+        for _ in range(200):
+            pids = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
+                " AND wait_event_type = 'Lock'"
+            )
+            if pids:
+                break
+            await asyncio.sleep(0.05)
+        assert pids, "the ingest never reached the lock"
+        await conn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
+        with pytest.raises(DatabaseUnavailable):
+            await asyncio.wait_for(task, 30)
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 1
+    result = await store.ingest(batch)  # the pool replaces the dead connection
+    assert result.stored == 50
+
+
+async def test_unreachable_database_is_unavailable() -> None:
+    """A pool that cannot connect raises DatabaseUnavailable, not a raw socket error."""
+    with pytest.raises(DatabaseUnavailable):
+        await store_module.create_pool(
+            "postgresql://postgres@127.0.0.1:1/nothing", connect_timeout=2
+        )
+
+
+async def test_pool_decodes_jsonb_with_orjson(pool: asyncpg.Pool) -> None:
+    """The pool's connections read and write json/jsonb through orjson."""
+    async with pool.acquire() as c:
+        value = await c.fetchval("SELECT $1::jsonb", {"a": [1, "é"]})
+        assert value == {"a": [1, "é"]}
+
+
+def test_result_counts() -> None:
+    """IngestResult counts its outcomes."""
+    r = store_module.IngestResult(
+        outcomes=[Outcome.STORED, Outcome.DUPLICATE, Rejection("unknown_template", "x")]
+    )
+    assert (r.stored, r.duplicates, len(r.rejected)) == (1, 1, 1)

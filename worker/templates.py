@@ -1,0 +1,267 @@
+"""Prompt templates: canonical config JSON, its hash, register / list / soft-delete.
+
+A template's *config* is what determines a run: ``provider``, ``system_instructions``,
+``user_prompt_template``, ``country_set``, ``model_id``, ``inference_params``,
+``tools_spec``, ``response_format``, ``grounding_profile_id``, ``grounding_snapshot_id`` and
+``retrieval_params``. Its name, creator and tenancy are not config.
+
+Canonical form: the config fields that are not null, as one JSON object with keys sorted at
+every level, no insignificant whitespace, UTF-8 (non-ASCII characters as themselves, not
+``\\u`` escapes), numbers as given (``1`` and ``1.0`` differ). ``config_hash`` is the SHA-256
+hex digest of those bytes. Registering a config that an active template of the same
+workspace already has returns that template: the partial unique index
+``ux_tpl_org_ws_confighash_active`` makes this race-safe under concurrency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from worker import events as ev
+from worker.errors import Rejection
+
+CONFIG_FIELDS: Final = (
+    "provider",
+    "system_instructions",
+    "user_prompt_template",
+    "country_set",
+    "model_id",
+    "inference_params",
+    "tools_spec",
+    "response_format",
+    "grounding_profile_id",
+    "grounding_snapshot_id",
+    "retrieval_params",
+)
+_TEXT_OPTIONAL: Final = ("provider", "system_instructions", "grounding_snapshot_id")
+_UUID_OPTIONAL: Final = ("grounding_profile_id", "created_by")
+_JSON_OPTIONAL: Final = ("tools_spec", "response_format", "retrieval_params")
+ALL_FIELDS: Final = frozenset(("org_id", "workspace_id", "name", "created_by", *CONFIG_FIELDS))
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+class SQL:
+    """Every statement about templates, by name."""
+
+    REGISTER: Final = """
+        INSERT INTO prompt_templates
+            (org_id, workspace_id, name, provider, system_instructions, user_prompt_template,
+             country_set, model_id, inference_params, tools_spec, response_format,
+             grounding_profile_id, grounding_snapshot_id, retrieval_params, config_hash,
+             config_canonical_json, created_by)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9::text::jsonb, $10::text::jsonb,
+                $11::text::jsonb, $12, $13, $14::text::jsonb, $15, $16::text::jsonb, $17)
+        ON CONFLICT (org_id, workspace_id, config_hash) WHERE deleted_at IS NULL DO NOTHING
+        RETURNING id
+    """
+    ACTIVE_BY_HASH: Final = """
+        SELECT id FROM prompt_templates
+        WHERE org_id = $1 AND workspace_id = $2 AND config_hash = $3 AND deleted_at IS NULL
+    """
+    LIST: Final = """
+        SELECT id, org_id, workspace_id, name, model_id, config_hash, created_at, deleted_at
+        FROM prompt_templates
+        WHERE ($1::uuid IS NULL OR org_id = $1)
+          AND ($2::uuid IS NULL OR workspace_id = $2)
+          AND ($3 OR deleted_at IS NULL)
+        ORDER BY created_at, id
+        LIMIT $4
+    """
+    SOFT_DELETE: Final = """
+        UPDATE prompt_templates SET deleted_at = now()
+        WHERE id = $1 AND deleted_at IS NULL
+        RETURNING deleted_at
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateSpec:
+    """A template to register: tenancy, name, and its config."""
+
+    org_id: str
+    workspace_id: str
+    name: str
+    config: dict[str, Any] = field(repr=False)
+    created_by: str | None = None
+
+    @property
+    def canonical_json(self) -> bytes:
+        return canonical_json(self.config)
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TemplateRow:
+    id: str
+    org_id: str
+    workspace_id: str
+    name: str
+    model_id: str
+    config_hash: str
+    created_at: datetime
+    deleted_at: datetime | None
+
+
+def canonical_json(config: dict[str, Any]) -> bytes:
+    """The canonical bytes of a config (see the module docstring)."""
+    present = {k: v for k, v in config.items() if v is not None}
+    return orjson.dumps(present, option=orjson.OPT_SORT_KEYS)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(config)).hexdigest()
+
+
+def parse_spec(doc: object) -> TemplateSpec:
+    """Validate a template document (a JSON object); raise a Rejection naming the field."""
+    if not isinstance(doc, dict):
+        raise Rejection(ev.NOT_AN_OBJECT, "a template is a JSON object")
+    unknown = sorted(set(doc) - ALL_FIELDS)
+    if unknown:
+        raise Rejection(ev.INVALID_FIELD, f"unknown template field {unknown[0]!r}")
+
+    def required(name: str) -> Any:
+        if doc.get(name) is None:
+            raise Rejection(ev.MISSING_FIELD, f'"{name}" is required')
+        return doc[name]
+
+    def uuid_field(name: str, value: Any) -> str:
+        if not isinstance(value, str) or not _UUID.fullmatch(value):
+            raise Rejection(ev.INVALID_FIELD, f'"{name}" must be a UUID string')
+        return value.lower()
+
+    def text_field(name: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise Rejection(ev.INVALID_FIELD, f'"{name}" must be a non-empty string')
+        if "\x00" in value:
+            raise Rejection(ev.UNSTORABLE_CONTENT, f'"{name}" holds \\u0000')
+        return value
+
+    org_id = uuid_field("org_id", required("org_id"))
+    workspace_id = uuid_field("workspace_id", required("workspace_id"))
+    name = text_field("name", required("name"))
+    config: dict[str, Any] = {
+        "user_prompt_template": text_field(
+            "user_prompt_template", required("user_prompt_template")
+        ),
+        "model_id": text_field("model_id", required("model_id")),
+        "country_set": required("country_set"),
+    }
+    inference = required("inference_params")
+    if not isinstance(inference, dict):
+        raise Rejection(ev.INVALID_FIELD, '"inference_params" must be a JSON object')
+    config["inference_params"] = inference
+    for key in _TEXT_OPTIONAL:
+        if doc.get(key) is not None:
+            config[key] = text_field(key, doc[key])
+    if doc.get("grounding_profile_id") is not None:
+        config["grounding_profile_id"] = uuid_field(
+            "grounding_profile_id", doc["grounding_profile_id"]
+        )
+    for key in _JSON_OPTIONAL:
+        if doc.get(key) is not None:
+            config[key] = doc[key]
+    path = ev.find_nul(config)
+    if path is not None:
+        raise Rejection(ev.UNSTORABLE_CONTENT, f"{path} holds \\u0000")
+    created_by = doc.get("created_by")
+    return TemplateSpec(
+        org_id=org_id,
+        workspace_id=workspace_id,
+        name=name,
+        config=config,
+        created_by=uuid_field("created_by", created_by) if created_by is not None else None,
+    )
+
+
+def _json(value: Any) -> str | None:
+    """JSON text for a ``$n::text::jsonb`` parameter: independent of connection codecs."""
+    return None if value is None else orjson.dumps(value).decode()
+
+
+async def register(conn: asyncpg.Connection, spec: TemplateSpec) -> tuple[str, bool]:
+    """Register ``spec``; return (template id, True if created, False if it existed).
+
+    Race-safe: of several concurrent registrations of one config in one workspace, exactly
+    one inserts and the others return its id.
+    """
+    digest = spec.config_hash
+    c = spec.config
+    while True:
+        created = await conn.fetchval(
+            SQL.REGISTER,
+            UUID(spec.org_id),
+            UUID(spec.workspace_id),
+            spec.name,
+            c.get("provider"),
+            c.get("system_instructions"),
+            c["user_prompt_template"],
+            _json(c["country_set"]),
+            c["model_id"],
+            _json(c["inference_params"]),
+            _json(c.get("tools_spec")),
+            _json(c.get("response_format")),
+            UUID(c["grounding_profile_id"]) if c.get("grounding_profile_id") else None,
+            c.get("grounding_snapshot_id"),
+            _json(c.get("retrieval_params")),
+            digest,
+            spec.canonical_json.decode(),
+            UUID(spec.created_by) if spec.created_by else None,
+        )
+        if created is not None:
+            return str(created), True
+        existing = await conn.fetchval(
+            SQL.ACTIVE_BY_HASH, UUID(spec.org_id), UUID(spec.workspace_id), digest
+        )
+        if existing is not None:
+            return str(existing), False
+        # The active duplicate was soft-deleted between our insert and our select: again.
+
+
+async def list_templates(
+    conn: asyncpg.Connection,
+    *,
+    org_id: str | None = None,
+    workspace_id: str | None = None,
+    include_deleted: bool = False,
+    limit: int = 1000,
+) -> list[TemplateRow]:
+    rows = await conn.fetch(
+        SQL.LIST,
+        UUID(org_id) if org_id else None,
+        UUID(workspace_id) if workspace_id else None,
+        include_deleted,
+        limit,
+    )
+    return [
+        TemplateRow(
+            id=str(r["id"]),
+            org_id=str(r["org_id"]),
+            workspace_id=str(r["workspace_id"]),
+            name=r["name"],
+            model_id=r["model_id"],
+            config_hash=r["config_hash"],
+            created_at=r["created_at"],
+            deleted_at=r["deleted_at"],
+        )
+        for r in rows
+    ]
+
+
+async def soft_delete(conn: asyncpg.Connection, template_id: str) -> bool:
+    """Mark a template deleted; False if it does not exist or is deleted already.
+
+    A deleted template still takes results: history arrives late.
+    """
+    return await conn.fetchval(SQL.SOFT_DELETE, UUID(template_id)) is not None
