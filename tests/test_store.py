@@ -416,3 +416,43 @@ def test_result_counts() -> None:
         outcomes=[Outcome.STORED, Outcome.DUPLICATE, Rejection("unknown_template", "x")]
     )
     assert (r.stored, r.duplicates, len(r.rejected)) == (1, 1, 1)
+
+
+async def test_event_stored_concurrently_by_another_worker_is_a_duplicate(
+    store: Store, conn: asyncpg.Connection, database: str
+) -> None:
+    """Another transaction inserts the same event_id and commits while our batch waits on it:
+    our batch is rerun, that event counts as a duplicate, the others are stored."""
+    t = await make_tenant(conn)
+    x, y = event(t), event(t)
+    await store.ingest([event(t)])  # the version row and the template cache exist
+    other = await asyncpg.connect(database)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        version_id = await other.fetchval("SELECT id FROM prompt_versions")
+        await other.execute(
+            "INSERT INTO prompt_results (id, org_id, workspace_id, template_id, version_id,"
+            " request, response, created_at) VALUES ($1, $2, $3, $4, $5, '{}', '{}', now())",
+            uuid.UUID(x.event_id),
+            uuid.UUID(t.org_id),
+            uuid.UUID(t.workspace_id),
+            uuid.UUID(t.template_id),
+            version_id,
+        )
+        task = asyncio.create_task(store.ingest([x, y]))
+        for _ in range(200):
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
+                " AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "our insert never waited on the other transaction"
+        await tx.commit()
+        result = await asyncio.wait_for(task, 30)
+    finally:
+        await other.close()
+    assert result.outcomes == [Outcome.DUPLICATE, Outcome.STORED]
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 3

@@ -1,0 +1,1 @@
+"""Benchmarks of prompter-worker against the local servers: `python -m bench --help`."""
