@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 if TYPE_CHECKING:
+    from worker.config import Settings
     from worker.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +123,49 @@ async def store(pool: asyncpg.Pool) -> Store:
     from worker.store import Store
 
     return Store(pool)
+
+
+# --- RabbitMQ -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def topology(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, str]]:
+    """Unique exchange and queue names for this test (as Settings overrides); everything
+    declared under them is deleted afterwards."""
+    import aiormq
+
+    suffix = f"{request.node.name[:40]}.{uuid.uuid4().hex[:8]}"
+    names = {
+        "exchange": f"test.{suffix}.events",
+        "queue": f"test.{suffix}.ingest",
+        "replay_queue": f"test.{suffix}.ingest.replay",
+        "dead_letter_exchange": f"test.{suffix}.dlx",
+        "dead_letter_queue": f"test.{suffix}.ingest.dead",
+    }
+    yield names
+    connection = await aiormq.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        for key in ("queue", "replay_queue", "dead_letter_queue"):
+            await channel.queue_delete(names[key])
+        for key in ("exchange", "dead_letter_exchange"):
+            await channel.exchange_delete(names[key])
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def settings(database: str, topology: dict[str, str]) -> Settings:
+    """Worker settings on this test's database and names; small batches, fast retries."""
+    from worker.config import Settings
+
+    return Settings.from_env(
+        {},
+        database_url=database,
+        amqp_url=AMQP_URL,
+        batch_wait_ms=20,
+        retry_max_seconds=1.0,
+        shutdown_timeout=20.0,
+        log_format="text",
+        **topology,
+    )

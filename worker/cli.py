@@ -41,12 +41,19 @@ def settings_options(*names: str) -> Callable[[F], F]:
         for name in reversed(names):
             f = by_name[name]
             default = f.default
-            shown = "" if f.metadata["secret"] else f" [default: {default}]"
+            flag = name.replace("_", "-")
+            if isinstance(default, bool):
+                shown = f" [default: {'--' if default else '--no-'}{flag}]"
+                decls = [f"--{flag}/--no-{flag}", name]
+                metavar = None
+            else:
+                shown = "" if f.metadata["secret"] else f" [default: {default}]"
+                decls = [f"--{flag}", name]
+                metavar = "NUMBER" if isinstance(default, (int, float)) else "TEXT"
             wrapper = click.option(
-                "--" + name.replace("_", "-"),
-                name,
+                *decls,
                 default=None,
-                metavar="TEXT",
+                metavar=metavar,
                 help=f"{f.metadata['help']}{shown} [env: {f.metadata['env']}]",
             )(wrapper)
         return wrapper  # type: ignore[return-value]
@@ -110,6 +117,19 @@ def migrate(settings: Settings, revision: str, sql: bool, create_database: bool)
         migrations.upgrade(settings.database_url, revision, sql=sql)
     except (OSError, ConnectionError) as exc:
         raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from None
+
+
+RUN_SETTINGS = tuple(f.name for f in Settings.fields())
+
+
+@main.command()
+@settings_options(*RUN_SETTINGS)
+def run(settings: Settings) -> None:
+    """Consume prompt run events and store them (the worker). Stops gracefully on SIGTERM."""
+    from worker.consumer import Worker
+
+    code = asyncio.run(Worker(settings).run())
+    sys.exit(code)
 
 
 @main.group()

@@ -274,6 +274,11 @@ class Settings:
             problems.append("PROMPTER_QUEUE and PROMPTER_REPLAY_QUEUE must differ")
         if self.dead_letter_queue in (self.queue, self.replay_queue):
             problems.append("PROMPTER_DEAD_LETTER_QUEUE must differ from the ingest queues")
+        if self.batch_size > self.prefetch:
+            problems.append(
+                f"PROMPTER_BATCH_SIZE ({self.batch_size}) must not exceed PROMPTER_PREFETCH "
+                f"({self.prefetch}): a batch could never fill"
+            )
         if self.dead_letter_exchange == self.exchange:
             problems.append("PROMPTER_DEAD_LETTER_EXCHANGE must differ from PROMPTER_EXCHANGE")
         if problems:
