@@ -13,7 +13,7 @@ import yaml
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate"]
+SUBCOMMANDS = ["migrate", "run", "status", "templates"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -127,3 +127,21 @@ def test_dependencies_are_pinned(path: str) -> None:
     ]
     assert lines
     assert all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[^\s]+", line) for line in lines), lines
+
+
+def test_compose_worker_runs_after_migrate_and_scales() -> None:
+    """The worker starts after the migration and the broker, exposes its probes without a
+    fixed host port (so `--scale worker=N` works), and stops more slowly than it drains."""
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    worker = services["worker"]
+    assert worker["command"] == ["run"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert "/readyz" in " ".join(worker["healthcheck"]["test"])
+    grace = int(str(worker["stop_grace_period"]).rstrip("s"))
+    assert grace > 30
+    for key in ("DATABASE_URL", "AMQP_URL", "PROMPTER_METRICS_PORT"):
+        assert key in worker["environment"]

@@ -132,6 +132,35 @@ def run(settings: Settings) -> None:
     sys.exit(code)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@settings_options(
+    "database_url",
+    "amqp_url",
+    "queue",
+    "replay_queue",
+    "dead_letter_queue",
+    "log_level",
+    "log_format",
+)
+def status(settings: Settings, as_json: bool) -> None:
+    """Queue depths and consumers, rows per table, the newest result and the lag.
+
+    Exits 1 if a server could not be reached (what could be read is still printed).
+    """
+    import orjson
+
+    from worker import status as st
+
+    report = run_async(st.collect(settings))
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict()).decode())
+    else:
+        click.echo(st.render(report))
+    if report.errors:
+        sys.exit(1)
+
+
 @main.group()
 def templates() -> None:
     """Register, list and soft-delete prompt templates."""

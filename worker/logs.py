@@ -83,3 +83,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     # the worker logs those events itself, once, in its own words.
     for noisy in ("aiormq", "aio_pika", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # It logs every failed connection attempt at ERROR; the worker reports those itself,
+    # once, with the node's URL masked.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
