@@ -9,7 +9,9 @@
     │   │                        (raised by the publisher library; returned, not raised, by
     │   │                        the decoder and the store, which handle batches)
     │   ├── UnroutableError      the broker returned a mandatory message: no queue is bound
-    │   └── PublishError         the broker refused (nacked) or never confirmed a message
+    │   ├── PublishError         the broker refused (nacked) or never confirmed a message
+    │   └── InputError           a backfill input cannot be used: unreadable or truncated file,
+    │                            or a file that changed since its checkpoint
     └── TransientError           the infrastructure failed; retry with backoff, dead-letter nothing
         ├── DatabaseUnavailable  connection lost or refused, server starting or shutting down,
         │                        too many connections, cached plan invalidated by a migration
@@ -69,6 +71,13 @@ class UnroutableError(PermanentError):
 
 class PublishError(PermanentError):
     """The broker nacked a message, or the confirm never came."""
+
+
+class InputError(PermanentError):
+    """An input file of ``publish`` or ``replay`` (or its checkpoint) cannot be used.
+
+    The message names the file (and the line, when reading failed part way) and says why.
+    """
 
 
 class TransientError(WorkerError):
