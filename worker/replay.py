@@ -71,7 +71,7 @@ DEFAULT_CONCURRENCY: Final = 2
 DEFAULT_REJECTS_PATH: Final = "prompter-rejects.jsonl"
 DIRECT_ATTEMPTS: Final = 6  # tries of one batch on transient database faults
 SHOWN_INVALID: Final = 20  # invalid lines listed one by one in the summary
-PROGRESS_EVERY_LINES: Final = 256
+TICK_EVERY_LINES: Final = 64  # progress and the checkpoint clock are checked this often
 
 
 # --- settling lines in order ----------------------------------------------------------------
@@ -755,7 +755,7 @@ async def publish_files(
                             break
                         mark.sent(line)
                         future.add_done_callback(functools.partial(settled, file, mark, line))
-                    if line % PROGRESS_EVERY_LINES == 0:
+                    if line % TICK_EVERY_LINES == 0:
                         run.tick(reader)
                 else:
                     eof = True
