@@ -13,7 +13,7 @@ import yaml
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "run", "status", "templates"]
+SUBCOMMANDS = ["migrate", "run", "status", "templates", "publish", "replay", "dead-letters", "demo"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

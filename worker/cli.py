@@ -264,6 +264,343 @@ def templates_delete(settings: Settings, template_id: str) -> None:
     click.echo(f"deleted {template_id}")
 
 
+# --- publishing and backfill ---------------------------------------------------------------
+
+#: Settings of every command that publishes (the topology is declared, or checked, first).
+BROKER_SETTINGS = (
+    "amqp_url",
+    "exchange",
+    "queue",
+    "replay_queue",
+    "dead_letter_exchange",
+    "dead_letter_queue",
+    "delivery_limit",
+    "declare",
+    "log_level",
+    "log_format",
+)
+# Defaults repeated from their modules, which are imported only when a command runs (so
+# --help stays fast); tests/test_backfill_cli.py checks that they agree.
+DEFAULT_WINDOW = 256
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_CONCURRENCY = 2
+DEFAULT_REJECTS_PATH = "prompter-rejects.jsonl"
+DEFAULT_DEMO_EVENTS = 300
+DEMO_ORG_ID = "d3e0d3e0-0000-4000-8000-00000000000a"
+DEMO_WORKSPACE_ID = "d3e0d3e0-0000-4000-8000-00000000000b"
+
+window_option = click.option(
+    "--window",
+    type=click.IntRange(1, 65_535),
+    default=DEFAULT_WINDOW,
+    show_default=True,
+    help="Messages awaiting their broker confirm at once.",
+)
+
+
+def _finish(report: Any, *, as_json: bool) -> None:
+    """Print a publish/replay report; exit 0 if all settled, 130 if interrupted, else 1."""
+    import orjson
+
+    from worker import replay
+
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict()).decode())
+    else:
+        click.echo(replay.render(report, with_error=False))
+        if report.error:
+            click.echo(f"Error: {report.error}", err=True)
+    if report.interrupted:
+        sys.exit(130)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("file", default="-", metavar="[FILE|-]")
+@window_option
+@click.option(
+    "--rejects",
+    "rejects_path",
+    type=click.Path(dir_okay=False),
+    help="Also append each invalid line (file, line, reason, detail) to this JSONL file.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@settings_options(*BROKER_SETTINGS, "max_event_bytes")
+def publish(
+    settings: Settings, file: str, window: int, rejects_path: str | None, as_json: bool
+) -> None:
+    """Publish the events of a JSONL file (plain or gzip; - or nothing reads stdin) with
+    routing key prompt_run.v1.
+
+    Each line is checked against the event contract first; invalid lines are reported with
+    their line number and reason and never sent. Exits 1 if any line was invalid or any
+    event was not confirmed by the broker.
+    """
+    from worker import broker, replay
+
+    report = run_async(
+        replay.run_broker(
+            settings,
+            [file],
+            mode="publish",
+            routing_key=broker.LIVE_ROUTING_KEY,
+            window=window,
+            rejects_path=rejects_path,
+            progress=sys.stderr.isatty(),
+            name="prompter-worker publish",
+        )
+    )
+    _finish(report, as_json=as_json)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option(
+    "--direct",
+    is_flag=True,
+    help="Write straight into PostgreSQL through the store, without the broker.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="At most this many events per second (paced, not bursty).",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and report; send and store nothing.")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(dir_okay=False),
+    help="Record the confirmed lines of each file here; a re-run continues after them.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Resume even if a file changed since the checkpoint (e.g. it was appended to).",
+)
+@click.option(
+    "--rejects",
+    "rejects_path",
+    type=click.Path(dir_okay=False),
+    help="Append each refused line (file, line, reason, detail) to this JSONL file. "
+    f"With --direct the default is {DEFAULT_REJECTS_PATH}.",
+)
+@click.option(
+    "--batch-size",
+    "direct_batch_size",
+    type=click.IntRange(1, 10_000),
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="With --direct: events per transaction.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 32),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="With --direct: transactions in flight (one PostgreSQL connection each).",
+)
+@window_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@settings_options(
+    "database_url",
+    *BROKER_SETTINGS,
+    "max_event_bytes",
+    "statement_cache_size",
+    "retry_max_seconds",
+)
+def replay(
+    *,
+    settings: Settings,
+    files: tuple[str, ...],
+    direct: bool,
+    rate: float | None,
+    dry_run: bool,
+    checkpoint_path: str | None,
+    force: bool,
+    rejects_path: str | None,
+    direct_batch_size: int,
+    concurrency: int,
+    window: int,
+    as_json: bool,
+) -> None:
+    """Backfill history from JSONL files (plain or gzip), keeping each event's occurred_at.
+
+    Through the broker with routing key prompt_run.v1.replay (its own queue, so backfill
+    never starves live traffic), or with --direct straight into PostgreSQL. A progress bar
+    with rate and ETA is drawn when stderr is a terminal. Interrupted (Ctrl-C, SIGTERM) with
+    --checkpoint, the same command continues where the confirmed part ended. Exits 1 if any
+    line was invalid or not confirmed, 130 if interrupted.
+    """
+    from worker import broker
+    from worker import replay as rp
+
+    progress = sys.stderr.isatty()
+    if direct:
+        report = run_async(
+            rp.run_direct(
+                settings,
+                files,
+                batch_size=direct_batch_size,
+                concurrency=concurrency,
+                rate=rate,
+                dry_run=dry_run,
+                checkpoint_path=checkpoint_path,
+                force=force,
+                rejects_path=rejects_path or DEFAULT_REJECTS_PATH,
+                progress=progress,
+            )
+        )
+    else:
+        report = run_async(
+            rp.run_broker(
+                settings,
+                files,
+                mode="replay",
+                routing_key=broker.REPLAY_ROUTING_KEY,
+                window=window,
+                rate=rate,
+                dry_run=dry_run,
+                checkpoint_path=checkpoint_path,
+                force=force,
+                rejects_path=rejects_path,
+                progress=progress,
+            )
+        )
+    _finish(report, as_json=as_json)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """List, redrive and purge the dead-letter queue."""
+
+
+@dead_letters.command("list")
+@click.option(
+    "--limit",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Most messages to look at (from the head of the queue).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@settings_options("amqp_url", "dead_letter_queue", "log_level", "log_format")
+def dead_letters_list(settings: Settings, limit: int, as_json: bool) -> None:
+    """Event id, reason, detail and time of each dead letter, and the count by reason.
+
+    Nothing is consumed: every message goes back to the queue as it was.
+    """
+    import orjson
+
+    from worker import deadletters
+
+    listing = run_async(deadletters.list_dead_letters(settings, limit=limit))
+    if as_json:
+        click.echo(orjson.dumps(listing.as_dict()).decode())
+    else:
+        click.echo(deadletters.render_listing(listing))
+
+
+@dead_letters.command("redrive")
+@click.option(
+    "--reason", "reasons", multiple=True, help="Only messages dead-lettered for this reason."
+)
+@click.option("--event-id", "event_ids", multiple=True, help="Only this event (repeatable).")
+@click.option("--limit", type=click.IntRange(1, None), help="At most this many messages.")
+@click.option("--all", "everything", is_flag=True, help="Every message, when nothing narrows it.")
+@window_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@settings_options(*BROKER_SETTINGS)
+def dead_letters_redrive(
+    *,
+    settings: Settings,
+    reasons: tuple[str, ...],
+    event_ids: tuple[str, ...],
+    limit: int | None,
+    everything: bool,
+    window: int,
+    as_json: bool,
+) -> None:
+    """Re-publish dead letters to the main exchange (after a fix), with their original
+    routing key.
+
+    Each dead-letter copy is removed only after its re-publish is confirmed, so an
+    interruption loses nothing; messages not selected stay in the queue untouched. Exits 1
+    if any selected message could not be redriven.
+    """
+    import orjson
+
+    from worker import deadletters
+
+    if not (reasons or event_ids or limit or everything):
+        raise click.UsageError(
+            "say which messages to redrive: --reason, --event-id, --limit or --all"
+        )
+    for value in event_ids:
+        _check_uuid(value, "--event-id")
+    selection = deadletters.Selection(
+        reasons=frozenset(reasons),
+        event_ids=frozenset(e.lower() for e in event_ids),
+        limit=limit,
+    )
+    report = run_async(deadletters.redrive(settings, selection, window=window))
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict()).decode())
+    else:
+        click.echo(deadletters.render_redrive(report))
+    if report.error:
+        click.echo(f"Error: {report.error}", err=True)
+        sys.exit(1)
+
+
+@dead_letters.command("purge")
+@click.option("--yes", is_flag=True, help="Confirm: delete every message of the queue.")
+@settings_options("amqp_url", "dead_letter_queue", "log_level", "log_format")
+def dead_letters_purge(settings: Settings, yes: bool) -> None:
+    """Delete every message of the dead-letter queue (needs --yes)."""
+    from worker import deadletters
+
+    if not yes:
+        count = run_async(deadletters.depth(settings))
+        raise click.UsageError(
+            f"refusing to delete {count:,} message{'' if count == 1 else 's'} from "
+            f"{settings.dead_letter_queue} without --yes"
+        )
+    purged = run_async(deadletters.purge(settings))
+    click.echo(
+        f"purged {purged:,} message{'' if purged == 1 else 's'} from {settings.dead_letter_queue}"
+    )
+
+
+@main.command()
+@click.option(
+    "--events",
+    "count",
+    default=DEFAULT_DEMO_EVENTS,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="How many events to publish.",
+)
+@click.option("--org", "org_id", default=DEMO_ORG_ID, show_default=True, help="Org (UUID).")
+@click.option(
+    "--workspace",
+    "workspace_id",
+    default=DEMO_WORKSPACE_ID,
+    show_default=True,
+    help="Workspace (UUID).",
+)
+@settings_options("database_url", *BROKER_SETTINGS, "max_event_bytes")
+def demo(settings: Settings, count: int, org_id: str, workspace_id: str) -> None:
+    """Register a sample template and publish realistic sample events (chat request, model
+    response, usage) over the live routing key: data flowing end to end."""
+    from worker import demo as dm
+
+    _check_uuid(org_id, "--org")
+    _check_uuid(workspace_id, "--workspace")
+    report = run_async(dm.run(settings, count=count, org_id=org_id, workspace_id=workspace_id))
+    click.echo(dm.render(report))
+
+
 def _check_uuid(value: str, name: str) -> None:
     import uuid
 

@@ -324,8 +324,6 @@ def render_redrive(report: RedriveReport) -> str:
         f"{report.exchange}; {report.kept:,} not selected and {len(report.failed):,} failed "
         "stay in the queue"
     )
-    if report.error:
-        lines.append(f"error: {report.error}")
     return "\n".join(lines)
 
 

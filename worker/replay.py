@@ -376,9 +376,10 @@ class Report:
         }
 
 
-def render(report: Report) -> str:
+def render(report: Report, *, with_error: bool = True) -> str:
     """The human summary: what was settled, what was not, and every invalid line's number
-    (the first :data:`SHOWN_INVALID` in full), never its content."""
+    (the first :data:`SHOWN_INVALID` in full), never its content; and the error that
+    stopped the run, unless ``with_error`` is false (the CLI prints it on stderr)."""
     out: list[str] = []
     what = {"publish": "published", "replay": "replayed", "direct": "stored"}[report.mode]
     for f in report.files:
@@ -435,7 +436,7 @@ def render(report: Report) -> str:
             out.append(
                 f"checkpoint {report.checkpoint} saved: run the same command again to continue"
             )
-    if report.error:
+    if report.error and with_error:
         out.append(f"error: {report.error}")
     return "\n".join(out)
 
