@@ -35,6 +35,7 @@ from bench.harness import AMQP_URL, Series, interleaved, scratch_database
 from worker import broker, replay
 from worker.config import Settings
 from worker.publisher import DEFAULT_WINDOW, Publisher
+from worker.reports import render
 
 PUBLISH_EVENTS_MAX: Final = 20_000
 AWAITED = "awaited (one confirm at a time)"
@@ -118,7 +119,7 @@ async def run(n_events: int, reps: int) -> dict[str, Series]:
                 report = await replay.run_direct(
                     settings, [str(path)], rejects_path=str(Path(tmp) / "rejects.jsonl")
                 )
-                assert report.ok, replay.render(report)
+                assert report.ok, render(report)
                 return n_events / report.elapsed
 
             runs = {AWAITED: lambda: _publish_run(published, None)}

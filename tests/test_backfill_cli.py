@@ -18,6 +18,7 @@ import orjson
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, drain, queue_depth, running, wait_until
 from worker import cli, demo, publisher, replay
+from worker.checkpoint import Checkpoint
 from worker.config import Settings
 from worker.consumer import Worker
 
@@ -179,7 +180,7 @@ async def test_replay_interrupted_by_sigint_resumes_where_it_stopped(
     assert process.returncode == 130, (out, err)
     assert "interrupted" in out.decode()
     assert "run the same command again to continue" in out.decode()
-    line = replay.Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
+    line = Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
     assert 0 < line < n
 
     again = await cli_run(settings, *args)
@@ -191,7 +192,7 @@ async def test_replay_interrupted_by_sigint_resumes_where_it_stopped(
 
 
 async def _checkpointed(path: Path) -> bool:
-    entries = replay.Checkpoint.load(str(path)).entries
+    entries = Checkpoint.load(str(path)).entries
     return any(e["line"] > 0 for e in entries.values())
 
 

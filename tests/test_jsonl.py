@@ -11,10 +11,11 @@ import orjson
 import pytest
 
 from tests.factories import Tenant, encode, event_doc
+from worker.checkpoint import Checkpoint, Watermark
 from worker.errors import InputError, Rejection
 from worker.events import Event
 from worker.jsonl import FileIdentity, Reader
-from worker.replay import Checkpoint, Pacer, Watermark
+from worker.replay import Pacer
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
 

@@ -19,10 +19,12 @@ from tests.conftest import create_database, drop_database, unique_name
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
 from tests.helpers import close_connections_named, count, drain, queue_depth, running, wait_until
 from worker import broker, replay
+from worker.checkpoint import Checkpoint
 from worker.config import Settings
 from worker.consumer import Worker
 from worker.errors import ConfigError, InputError
 from worker.publisher import Publisher
+from worker.reports import render
 from worker.store import Store, create_pool
 
 
@@ -57,7 +59,7 @@ async def test_replaying_one_file_twice_stores_each_event_once(
             report = await replay.run_broker(
                 settings, [str(path)], mode="replay", routing_key=broker.REPLAY_ROUTING_KEY
             )
-            assert report.ok, replay.render(report)
+            assert report.ok, render(report)
             assert report.confirmed == 400
         await wait_until(lambda: _rows(conn, 400), message="400 rows")
         await wait_until(lambda: _empty(settings.replay_queue), message="the replay queue drained")
@@ -109,7 +111,7 @@ async def test_invalid_lines_are_reported_with_their_numbers_and_never_published
         (23, "invalid_field"),
         (24, "not_an_object"),
     ]
-    summary = replay.render(report)
+    summary = render(report)
     assert "mixed.jsonl:11: invalid_json" in summary
     assert "mixed.jsonl:23: invalid_field" in summary
     assert "not-a-uuid" not in summary
@@ -141,7 +143,7 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
                 publisher,
                 max_bytes=settings.max_event_bytes,
                 rate=300,  # 4 s in all: a checkpoint is saved every second
-                checkpoint=replay.Checkpoint(str(checkpoint)),
+                checkpoint=Checkpoint(str(checkpoint)),
                 stop=stop,
             )
         )
@@ -150,7 +152,7 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
         first = await run
     assert first.interrupted
     assert not first.ok
-    saved = replay.Checkpoint.load(str(checkpoint)).entries[str(path)]
+    saved = Checkpoint.load(str(checkpoint)).entries[str(path)]
     assert 0 < saved["line"] < n
     assert not saved["complete"]
     assert saved["line"] <= first.confirmed  # only confirmed lines count
@@ -163,10 +165,10 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
         routing_key=broker.REPLAY_ROUTING_KEY,
         checkpoint_path=str(checkpoint),
     )
-    assert second.ok, replay.render(second)
+    assert second.ok, render(second)
     assert second.files[0].resumed_after == saved["line"]
     assert second.confirmed == n - saved["line"]
-    assert replay.Checkpoint.load(str(checkpoint)).entries[str(path)]["complete"]
+    assert Checkpoint.load(str(checkpoint)).entries[str(path)]["complete"]
 
     async with running(Worker(settings)):
         await wait_until(lambda: _rows(conn, n), message="every row")
@@ -185,7 +187,7 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
 
 
 async def _checkpointed(path: Path) -> bool:
-    entries = replay.Checkpoint.load(str(path)).entries  # empty while there is no file
+    entries = Checkpoint.load(str(path)).entries  # empty while there is no file
     return any(e["line"] > 0 for e in entries.values())
 
 
@@ -236,7 +238,7 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
                 publisher,
                 max_bytes=settings.max_event_bytes,
                 rate=4000,  # 5 s in all: time for rabbitmqctl to close the connection
-                checkpoint=replay.Checkpoint(str(checkpoint)),
+                checkpoint=Checkpoint(str(checkpoint)),
             )
         )
         await wait_until(lambda: _checkpointed(checkpoint), message="a first checkpoint")
@@ -248,7 +250,7 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
     assert "connection to RabbitMQ was lost" in report.error
     assert report.confirmed < n
     assert await queue_depth(settings.replay_queue) >= report.confirmed
-    line = replay.Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
+    line = Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
     assert line <= report.confirmed
 
     again = await replay.run_broker(
@@ -258,7 +260,7 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
         routing_key=broker.REPLAY_ROUTING_KEY,
         checkpoint_path=str(checkpoint),
     )
-    assert again.ok, replay.render(again)
+    assert again.ok, render(again)
     assert again.files[0].resumed_after == line
     async with running(Worker(settings)):
         await wait_until(lambda: _rows(conn, n), within=120, message="every event stored")
@@ -280,7 +282,7 @@ async def test_with_the_broker_down_nothing_is_reported_published(
     assert report.confirmed == 0
     assert report.error is not None
     assert "cannot reach RabbitMQ" in report.error
-    assert "hunter2" not in replay.render(report)
+    assert "hunter2" not in render(report)
 
 
 async def test_rate_limit_paces_the_replay(settings: Settings, tmp_path: Path) -> None:
@@ -315,7 +317,7 @@ async def test_dry_run_validates_and_sends_nothing(settings: Settings, tmp_path:
     assert report.dry_run
     assert report.valid == 20
     assert [i.line for i in report.invalid] == [21]
-    assert "nothing sent" in replay.render(report)
+    assert "nothing sent" in render(report)
     assert not (tmp_path / "cp").exists()
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         await queue_depth(settings.replay_queue)  # a dry run does not even connect
@@ -372,7 +374,7 @@ async def test_direct_backfill_and_broker_replay_give_identical_tables(
             batch_size=200,
             rejects_path=str(tmp_path / "rejects.jsonl"),
         )
-        assert direct.ok, replay.render(direct)
+        assert direct.ok, render(direct)
         assert sum(f.stored for f in direct.files) == 1500
         assert await snapshot(conn) == await snapshot(other)
     finally:
@@ -429,7 +431,7 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
                 max_bytes=settings.max_event_bytes,
                 batch_size=50,
                 rate=2000,  # 2 s in all: a checkpoint is saved every second
-                checkpoint=replay.Checkpoint(str(checkpoint)),
+                checkpoint=Checkpoint(str(checkpoint)),
                 stop=stop,
             )
         )
@@ -439,7 +441,7 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
     finally:
         await pool.close()
     assert first.interrupted
-    line = replay.Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
+    line = Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
     assert 0 < line < n
     assert await count(conn) >= line
 
@@ -449,7 +451,7 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
         checkpoint_path=str(checkpoint),
         rejects_path=str(tmp_path / "rejects"),
     )
-    assert second.ok, replay.render(second)
+    assert second.ok, render(second)
     assert second.files[0].resumed_after == line
     assert await count(conn) == n
     assert not (tmp_path / "rejects").exists()

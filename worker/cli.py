@@ -126,10 +126,9 @@ RUN_SETTINGS = tuple(f.name for f in Settings.fields())
 @settings_options(*RUN_SETTINGS)
 def run(settings: Settings) -> None:
     """Consume prompt run events and store them (the worker). Stops gracefully on SIGTERM."""
-    from worker.consumer import Worker
+    from worker.consumer import run as run_worker
 
-    code = asyncio.run(Worker(settings).run())
-    sys.exit(code)
+    sys.exit(run_worker(settings))
 
 
 @main.command()
@@ -302,12 +301,12 @@ def _finish(report: Any, *, as_json: bool) -> None:
     """Print a publish/replay report; exit 0 if all settled, 130 if interrupted, else 1."""
     import orjson
 
-    from worker import replay
+    from worker import reports
 
     if as_json:
         click.echo(orjson.dumps(report.as_dict()).decode())
     else:
-        click.echo(replay.render(report, with_error=False))
+        click.echo(reports.render(report, with_error=False))
         if report.error:
             click.echo(f"Error: {report.error}", err=True)
     if report.interrupted:

@@ -11,15 +11,10 @@
 
 Both paths keep the original ``occurred_at``: history lands at its own time.
 
-**Checkpoints** (``--checkpoint PATH``) make a run resumable. For each file they hold its
-identity (absolute path, size, modification time, SHA-256 of its first 64 KiB) and its
-*watermark*: the highest line number such that every line up to it is settled (confirmed
-by the broker, committed to the database, or refused as invalid). Lines still awaiting a
-confirm never count. The file is rewritten atomically (a temporary file, fsync,
-``os.replace``) about once a second, when a file is finished, and when the run stops for
-any reason. A re-run skips each file up to its watermark; the lines between the watermark
-and what had been sent are sent again, which ingestion's idempotence makes harmless. A file
-that changed since its checkpoint is refused unless ``force`` is given.
+**Checkpoints** (``--checkpoint PATH``, :mod:`worker.checkpoint`) make a run resumable:
+only settled lines count, and the checkpoint is saved about once a second, when a file is
+finished, and when the run stops for any reason. What a run did is a
+:class:`~worker.reports.Report` (:mod:`worker.reports`).
 
 **Pacing** (``rate``) follows a schedule (GCRA, a token bucket's twin), not a sleep after
 each event: the long-run rate is exact whatever the sleeps' jitter, and bursts are bounded.
@@ -34,23 +29,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
-from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 import asyncpg
-import orjson
 from tqdm import tqdm
 
 from worker import broker, jsonl
+from worker.checkpoint import Checkpoint, Watermark
 from worker.config import Settings, mask_url
 from worker.errors import (
     ConfigError,
@@ -62,62 +53,15 @@ from worker.errors import (
 )
 from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
+from worker.reports import FileReport, Invalid, Rejects, Report
 from worker.store import Outcome, Store, create_pool
 
-CHECKPOINT_VERSION: Final = 1
 CHECKPOINT_EVERY_SECONDS: Final = 1.0
 DEFAULT_BATCH_SIZE: Final = 1000
 DEFAULT_CONCURRENCY: Final = 2
 DEFAULT_REJECTS_PATH: Final = "prompter-rejects.jsonl"
 DIRECT_ATTEMPTS: Final = 6  # tries of one batch on transient database faults
-SHOWN_INVALID: Final = 20  # invalid lines listed one by one in the summary
 TICK_EVERY_LINES: Final = 64  # progress and the checkpoint clock are checked this often
-
-
-# --- settling lines in order ----------------------------------------------------------------
-
-
-class Watermark:
-    """The highest line such that every line up to it is settled, for one file.
-
-    Lines are read in increasing order. A line that needs no confirm (invalid, or a dry
-    run) is settled when read; a sent line is settled when its confirm (or commit) comes,
-    in whatever order confirms arrive. A line whose publish failed is never settled, so the
-    watermark stays below it and a resumed run sends it again.
-    """
-
-    def __init__(self, start: int = 0) -> None:
-        self.value = start
-        self._high = start
-        self._pending: deque[int] = deque()
-        self._done: set[int] = set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    @property
-    def high(self) -> int:
-        """The last line read and handled (skipped or sent)."""
-        return self._high
-
-    def skip(self, line: int) -> None:
-        """``line`` was read and needs no confirm."""
-        self._high = line
-        if not self._pending:
-            self.value = line
-
-    def sent(self, line: int) -> None:
-        """``line`` was sent; it settles when :meth:`confirmed` is called for it."""
-        self._high = line
-        self._pending.append(line)
-
-    def confirmed(self, line: int) -> None:
-        self._done.add(line)
-        pending, done = self._pending, self._done
-        while pending and pending[0] in done:
-            done.discard(pending.popleft())
-        self.value = pending[0] - 1 if pending else self._high
 
 
 # --- pacing ---------------------------------------------------------------------------------
@@ -162,315 +106,7 @@ class Pacer:
             await self._sleep(due - now)
 
 
-# --- checkpoints ----------------------------------------------------------------------------
-
-
-class Checkpoint:
-    """Per-file watermarks, persisted atomically; see the module docstring."""
-
-    def __init__(self, path: str, entries: dict[str, dict[str, Any]] | None = None) -> None:
-        self.path = path
-        self.entries = entries or {}
-
-    @classmethod
-    def load(cls, path: str) -> Checkpoint:
-        """The checkpoint at ``path``, or an empty one if the file does not exist yet."""
-        try:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            return cls(path)
-        except OSError as exc:
-            raise InputError(f"checkpoint {path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            doc = orjson.loads(raw)
-            if doc.get("version") != CHECKPOINT_VERSION or not isinstance(doc.get("files"), dict):
-                raise ValueError(f"version {doc.get('version')!r}, or no files")
-            entries = {str(k): dict(v) for k, v in doc["files"].items()}
-            for entry in entries.values():
-                int(entry["line"]), int(entry["size"]), int(entry["mtime_ns"])
-                str(entry["head_sha256"])
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise InputError(
-                f"checkpoint {path} is not a prompter-worker checkpoint ({exc}); "
-                "name another file with --checkpoint, or delete it to start over"
-            ) from None
-        return cls(path, entries)
-
-    def resume(self, identity: jsonl.FileIdentity, *, force: bool) -> tuple[int, bool]:
-        """(lines already settled, whether the whole file was) for ``identity``.
-
-        Raises :class:`InputError` if the file changed since the checkpoint was written,
-        unless ``force``: then its recorded lines are skipped anyway (a file appended to).
-        """
-        entry = self.entries.get(identity.path)
-        if entry is None:
-            return 0, False
-        changed = []
-        if entry["size"] != identity.size:
-            changed.append(f"size {entry['size']} -> {identity.size} bytes")
-        if entry["head_sha256"] != identity.head_sha256:
-            changed.append("its first bytes differ")
-        if entry["mtime_ns"] != identity.mtime_ns:
-            changed.append("modified since")
-        line = int(entry["line"])
-        if not changed:
-            return line, bool(entry.get("complete"))
-        if not force:
-            raise InputError(
-                f"{identity.path} changed since checkpoint {self.path} recorded it "
-                f"({', '.join(changed)}). Use --force to resume after line {line} anyway "
-                "(for a file that was only appended to), or delete the checkpoint (or name "
-                "another one) to replay the file from its start."
-            )
-        return line, False
-
-    def record(self, identity: jsonl.FileIdentity, line: int, *, complete: bool) -> None:
-        self.entries[identity.path] = {
-            "size": identity.size,
-            "mtime_ns": identity.mtime_ns,
-            "head_sha256": identity.head_sha256,
-            "line": line,
-            "complete": complete,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-
-    def save(self) -> None:
-        """Write the checkpoint atomically: a reader sees the old file or the new one."""
-        data = orjson.dumps(
-            {"version": CHECKPOINT_VERSION, "files": self.entries}, option=orjson.OPT_INDENT_2
-        )
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # make the rename itself durable
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-
-# --- reports --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Invalid:
-    """A line refused: by the contract (never sent), or by the store (``--direct``)."""
-
-    file: str
-    line: int
-    reason: str
-    detail: str
-    event_id: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "line": self.line,
-            "event_id": self.event_id,
-            "reason": self.reason,
-            "detail": self.detail,
-        }
-
-
-@dataclass(kw_only=True)
-class FileReport:
-    name: str
-    resumed_after: int = 0  # lines settled by an earlier run, skipped
-    already_complete: bool = False  # the checkpoint says the whole file was settled
-    valid: int = 0  # lines that passed the contract (sent, unless a dry run)
-    confirmed: int = 0  # confirmed by the broker, or committed (--direct)
-    stored: int = 0  # --direct: new rows
-    duplicates: int = 0  # --direct: events stored before
-    unconfirmed: int = 0  # sent, but no confirm (or no commit) came
-    refused: int = 0  # --direct: valid by the contract, refused by the store (a template)
-    stopped_after: int | None = None  # the last line read, when the run stopped before EOF
-    invalid: list[Invalid] = field(default_factory=list)
-
-
-@dataclass(kw_only=True)
-class Report:
-    """What a run did, file by file. ``ok`` when every valid line was settled."""
-
-    mode: str  # "publish", "replay", "direct"
-    dry_run: bool = False
-    files: list[FileReport] = field(default_factory=list)
-    error: str | None = None  # the failure that stopped the run
-    interrupted: bool = False
-    elapsed: float = 0.0
-    checkpoint: str | None = None
-    rejects_path: str | None = None
-    rejects_written: int = 0
-
-    @property
-    def valid(self) -> int:
-        return sum(f.valid for f in self.files)
-
-    @property
-    def confirmed(self) -> int:
-        return sum(f.confirmed for f in self.files)
-
-    @property
-    def unconfirmed(self) -> int:
-        return sum(f.unconfirmed for f in self.files)
-
-    @property
-    def invalid(self) -> list[Invalid]:
-        return [i for f in self.files for i in f.invalid]
-
-    @property
-    def unsent(self) -> int:
-        """Valid lines read but neither confirmed nor failed (a stop, or an earlier error)."""
-        if self.dry_run:
-            return 0
-        refused = sum(f.refused for f in self.files)
-        return max(0, self.valid - self.confirmed - self.unconfirmed - refused)
-
-    @property
-    def ok(self) -> bool:
-        return (
-            self.error is None
-            and not self.interrupted
-            and not self.invalid
-            and not self.unconfirmed
-            and not self.unsent
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "dry_run": self.dry_run,
-            "valid": self.valid,
-            "confirmed": self.confirmed,
-            "unconfirmed": self.unconfirmed,
-            "invalid": [i.as_dict() for i in self.invalid],
-            "error": self.error,
-            "interrupted": self.interrupted,
-            "elapsed_seconds": round(self.elapsed, 3),
-            "files": [
-                {
-                    "name": f.name,
-                    "resumed_after": f.resumed_after,
-                    "already_complete": f.already_complete,
-                    "valid": f.valid,
-                    "confirmed": f.confirmed,
-                    "stored": f.stored,
-                    "duplicates": f.duplicates,
-                    "unconfirmed": f.unconfirmed,
-                    "invalid": len(f.invalid),
-                }
-                for f in self.files
-            ],
-        }
-
-
-def render(report: Report, *, with_error: bool = True) -> str:
-    """The human summary: what was settled, what was not, and every invalid line's number
-    (the first :data:`SHOWN_INVALID` in full), never its content; and the error that
-    stopped the run, unless ``with_error`` is false (the CLI prints it on stderr)."""
-    out: list[str] = []
-    what = {"publish": "published", "replay": "replayed", "direct": "stored"}[report.mode]
-    for f in report.files:
-        if f.already_complete:
-            out.append(f"{f.name}: already complete per the checkpoint, skipped")
-        elif f.resumed_after:
-            out.append(f"{f.name}: resumed after line {f.resumed_after:,}")
-    invalid = report.invalid
-    for inv in invalid[:SHOWN_INVALID]:
-        out.append(f"{inv.file}:{inv.line}: {inv.reason}: {inv.detail}")
-    if len(invalid) > SHOWN_INVALID:
-        out.append(f"... and {len(invalid) - SHOWN_INVALID:,} more invalid lines")
-    rate = report.confirmed / report.elapsed if report.elapsed > 0 else 0.0
-    if report.dry_run:
-        out.append(
-            f"dry run: {_n(report.valid, 'valid line')}, {len(invalid):,} invalid; nothing sent"
-        )
-    elif report.mode == "direct":
-        stored = sum(f.stored for f in report.files)
-        dupes = sum(f.duplicates for f in report.files)
-        out.append(
-            f"{what} {_n(stored, 'event')} ({dupes:,} stored before), "
-            f"{len(invalid):,} refused, in {report.elapsed:.1f}s ({rate:,.0f} events/s)"
-        )
-    else:
-        out.append(
-            f"{what} {_n(report.confirmed, 'event')} (confirmed by the broker), "
-            f"{_n(len(invalid), 'invalid line')} not sent, in {report.elapsed:.1f}s "
-            f"({rate:,.0f} events/s)"
-        )
-    if invalid:
-        counts = Counter(i.reason for i in invalid)
-        out.append("invalid by reason: " + ", ".join(f"{r} {n:,}" for r, n in counts.most_common()))
-    if report.unconfirmed:
-        out.append(f"{_n(report.unconfirmed, 'event')} sent but not confirmed (safe to resend)")
-    if report.unsent:
-        out.append(f"{_n(report.unsent, 'valid event')} read but not sent")
-    for f in report.files:
-        if f.stopped_after is not None:
-            out.append(
-                f"{f.name}: stopped before line {f.stopped_after + 1:,}: "
-                "it and the rest were not processed"
-            )
-    if report.rejects_written:
-        out.append(
-            f"{_n(report.rejects_written, 'refused line')} appended to {report.rejects_path}"
-        )
-    if report.interrupted:
-        out.append("interrupted")
-    if report.checkpoint and not report.dry_run:
-        if report.ok:
-            out.append(f"checkpoint {report.checkpoint} saved")
-        else:
-            out.append(
-                f"checkpoint {report.checkpoint} saved: run the same command again to continue"
-            )
-    if report.error and with_error:
-        out.append(f"error: {report.error}")
-    return "\n".join(out)
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
 # --- the pieces around the loop -------------------------------------------------------------
-
-
-class Rejects:
-    """The rejects file: one JSON object per refused line, appended, opened on first use."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.written = 0
-        self._fh: Any = None
-
-    def write(self, invalid: Invalid) -> None:
-        if self._fh is None:
-            try:
-                self._fh = open(self.path, "ab")  # noqa: SIM115 - closed by close()
-            except OSError as exc:
-                raise InputError(
-                    f"rejects file {self.path}: cannot open: {exc.strerror or exc}"
-                ) from None
-        self._fh.write(orjson.dumps(invalid.as_dict()) + b"\n")
-        self.written += 1
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 class Progress:
