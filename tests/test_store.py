@@ -196,10 +196,7 @@ async def test_data_error_is_isolated_by_splitting_the_batch(
     good = [event(t, occurred_at=at(i)) for i in range(9)]
     base = event(t)
     # Forge what the decoder would refuse: a NUL escape PostgreSQL cannot store.
-    bad = Event(
-        **{f: getattr(base, f) for f in Event.__dataclass_fields__ if f != "body"},
-        body=encode(event_doc(t, request={"x": "\u0000"})),
-    )
+    bad = base._replace(body=encode(event_doc(t, request={"x": "\u0000"})))
     batch = [*good[:4], bad, *good[4:]]
     result = await store.ingest(batch)
     assert result.stored == 9
@@ -456,3 +453,38 @@ async def test_event_stored_concurrently_by_another_worker_is_a_duplicate(
         await other.close()
     assert result.outcomes == [Outcome.DUPLICATE, Outcome.STORED]
     assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 3
+
+
+async def test_version_row_deleted_under_the_cache_is_recreated(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """A version row removed by someone else while the store caches its id: the next batch
+    notices the foreign-key violation, forgets the cache and stores everything."""
+    t = await make_tenant(conn)
+    await store.ingest([event(t, occurred_at=at(1))])
+    await conn.execute("DELETE FROM prompt_results")
+    await conn.execute("DELETE FROM prompt_versions")
+    result = await store.ingest([event(t, occurred_at=at(2)), event(t, occurred_at=at(3))])
+    assert result.outcomes == [Outcome.STORED, Outcome.STORED]
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"]) == (at(2), at(3))
+    assert (
+        await conn.fetchval("SELECT count(*) FROM prompt_results WHERE version_id = $1", v["id"])
+        == 2
+    )
+
+
+async def test_old_events_leave_the_version_row_untouched(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """An event inside the known range changes nothing, so the row is not even rewritten
+    (no lock, no new row version): replays of history do not contend with live traffic."""
+    t = await make_tenant(conn)
+    await store.ingest([event(t, occurred_at=at(1)), event(t, occurred_at=at(100))])
+    before = await conn.fetchval("SELECT xmin::text FROM prompt_versions")
+    await store.ingest([event(t, occurred_at=at(50))])
+    assert await conn.fetchval("SELECT xmin::text FROM prompt_versions") == before
+    await store.ingest([event(t, occurred_at=at(101))])
+    assert await conn.fetchval("SELECT xmin::text FROM prompt_versions") != before
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"]) == (at(1), at(101))

@@ -56,99 +56,110 @@ class SQL:
         WHERE id = ANY($1::uuid[])
     """
 
-    # INGEST inserts results ON CONFLICT (id) DO NOTHING: a repeated event is skipped, and
-    # one inserted concurrently by another worker is waited for, then skipped. INGEST_FAST
-    # is the same statement with a plain INSERT: about 15% faster (no speculative insertion,
-    # see bench/README.md), but a single repeated event fails the whole statement with a
-    # unique violation. The store runs INGEST_FAST while batches hold new events only, and
-    # falls back to INGEST (for this batch and the next few) as soon as one does not.
+    # Version keys whose id is not cached yet: inserted with the batch's values if new, with
+    # ON CONFLICT DO NOTHING, which never locks an existing row (a key inserted concurrently
+    # and not yet committed is waited for). $1..$9: one row per key, sorted by key.
+    INSERT_VERSIONS: Final = """
+        INSERT INTO prompt_versions AS v
+            (org_id, workspace_id, template_id, provider_version_key, provider, model_id,
+             fingerprint_captured_at, first_seen_at, last_seen_at)
+        SELECT org_id, workspace_id, template_id, provider_version_key, provider, model_id,
+               fingerprint_captured_at, first_seen_at, last_seen_at
+        FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
+                    $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])
+             WITH ORDINALITY AS t(org_id, workspace_id, template_id, provider_version_key,
+                                  provider, model_id, fingerprint_captured_at,
+                                  first_seen_at, last_seen_at, ord)
+        ORDER BY ord
+        ON CONFLICT ON CONSTRAINT ux_versions_org_ws_tpl_pvk DO NOTHING
+        RETURNING v.id::text, v.org_id::text, v.workspace_id::text, v.template_id::text,
+                  v.provider_version_key
+    """
+    # The ids of keys that already existed (a new statement: it sees every row committed
+    # before it, including one the INSERT above waited for). Through the unique index.
+    VERSION_IDS: Final = """
+        SELECT v.id::text, v.org_id::text, v.workspace_id::text, v.template_id::text,
+               v.provider_version_key
+        FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[])
+             AS k(org_id, workspace_id, template_id, provider_version_key)
+        JOIN prompt_versions v USING (org_id, workspace_id, template_id, provider_version_key)
+    """
+
+    # Existing version rows: merged LAST in the transaction, so their row locks are held
+    # only until the commit that follows, and a concurrent batch on the same keys writes its
+    # results meanwhile (the results' foreign-key checks take KEY SHARE locks, which do not
+    # conflict with these). Every transaction takes its locks in one order (new version
+    # keys by key, results by id, existing version rows by id), so workers never deadlock
+    # each other. Rows the batch would not change are not touched at all (every field only
+    # ever moves one way, so skipping on a stale snapshot is safe).
+    # $1..$6: one row per key, sorted by version id.
+    MERGE_VERSIONS: Final = """
+        UPDATE prompt_versions AS v SET
+            first_seen_at = LEAST(v.first_seen_at, u.first_seen_at),
+            last_seen_at = GREATEST(v.last_seen_at, u.last_seen_at),
+            fingerprint_captured_at =
+                GREATEST(v.fingerprint_captured_at, u.fingerprint_captured_at),
+            provider = CASE
+                WHEN (u.last_seen_at, u.provider, u.model_id)
+                   > (v.last_seen_at, v.provider, v.model_id)
+                THEN u.provider ELSE v.provider END,
+            model_id = CASE
+                WHEN (u.last_seen_at, u.provider, u.model_id)
+                   > (v.last_seen_at, v.provider, v.model_id)
+                THEN u.model_id ELSE v.model_id END
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+                    $6::timestamptz[])
+             AS u(id, provider, model_id, fingerprint_captured_at, first_seen_at, last_seen_at)
+        WHERE v.id = u.id
+          AND (u.first_seen_at < v.first_seen_at
+               OR u.last_seen_at > v.last_seen_at
+               OR (u.fingerprint_captured_at IS NOT NULL
+                   AND (v.fingerprint_captured_at IS NULL
+                        OR u.fingerprint_captured_at > v.fingerprint_captured_at))
+               OR (u.last_seen_at, u.provider, u.model_id)
+                > (v.last_seen_at, v.provider, v.model_id))
+    """
+
+    # The results. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
+    # inserted concurrently by another worker is waited for, then skipped) and returns the
+    # ids it inserted. INSERT_RESULTS_FAST is a plain INSERT: about 15% faster (no
+    # speculative insertion, see bench/README.md), but one repeated event fails it with a
+    # unique violation; the store uses it while batches hold new events only.
     # (An anti-join, WHERE NOT EXISTS, was tried and rejected: its plan depends on table
     # statistics, and a generic plan made while the table was small seq-scans it forever.)
-    # $1..$9: one row per collapsed version key, sorted by key (small: at most one per event).
-    # $10..$16: one row per event, sorted by event_id: ids, the 1-based position of the
-    # event's version key in $1..$9 (org, workspace and template come from there), the
-    # text columns, occurred_at, and where its body sits in $17, every body concatenated.
-    # Whole numbers and UUIDs travel as space-separated text and bodies as one bytea: asyncpg
-    # spends ~0.25 us per array element on shape checks and regrows its buffer by ~1 KiB per
-    # element past 64 KiB, so fewer, flatter parameters cost the worker far less CPU
-    # (bench/README.md has the numbers).
-    _INGEST_TEMPLATE: Final = """
-        WITH version_rows AS (
-            SELECT *
-            FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                        $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])
-                 WITH ORDINALITY AS t(org_id, workspace_id, template_id, provider_version_key,
-                                      provider, model_id, fingerprint_captured_at,
-                                      first_seen_at, last_seen_at, ord)
-        ),
-        versions AS (
-            INSERT INTO prompt_versions AS v
-                (org_id, workspace_id, template_id, provider_version_key, provider, model_id,
-                 fingerprint_captured_at, first_seen_at, last_seen_at)
-            SELECT org_id, workspace_id, template_id, provider_version_key, provider, model_id,
-                   fingerprint_captured_at, first_seen_at, last_seen_at
-            FROM version_rows
-            ORDER BY ord
-            ON CONFLICT ON CONSTRAINT ux_versions_org_ws_tpl_pvk DO UPDATE SET
-                first_seen_at = LEAST(v.first_seen_at, EXCLUDED.first_seen_at),
-                last_seen_at = GREATEST(v.last_seen_at, EXCLUDED.last_seen_at),
-                fingerprint_captured_at =
-                    GREATEST(v.fingerprint_captured_at, EXCLUDED.fingerprint_captured_at),
-                provider = CASE
-                    WHEN (EXCLUDED.last_seen_at, EXCLUDED.provider, EXCLUDED.model_id)
-                       > (v.last_seen_at, v.provider, v.model_id)
-                    THEN EXCLUDED.provider ELSE v.provider END,
-                model_id = CASE
-                    WHEN (EXCLUDED.last_seen_at, EXCLUDED.provider, EXCLUDED.model_id)
-                       > (v.last_seen_at, v.provider, v.model_id)
-                    THEN EXCLUDED.model_id ELSE v.model_id END
-            RETURNING v.id, v.org_id, v.workspace_id, v.template_id, v.provider_version_key
-        ),
-        version_ids AS (  -- the upserted ids, in the order of the key arrays
-            SELECT array_agg(versions.id ORDER BY version_rows.ord) AS ids
-            FROM version_rows
-            JOIN versions
-              ON versions.org_id = version_rows.org_id
-             AND versions.workspace_id = version_rows.workspace_id
-             AND versions.template_id = version_rows.template_id
-             AND versions.provider_version_key = version_rows.provider_version_key
-        ),
-        results AS (
-            INSERT INTO prompt_results
-                (id, org_id, workspace_id, template_id, version_id, provider_version_key,
-                 system_fingerprint, request, response, analysis_config, created_at)
-            SELECT r.id,
-                   ($1::uuid[])[r.version_index],
-                   ($2::uuid[])[r.version_index],
-                   ($3::uuid[])[r.version_index],
-                   (SELECT ids FROM version_ids)[r.version_index],
-                   r.provider_version_key, r.system_fingerprint,
-                   d.doc -> 'request', d.doc -> 'response',
-                   NULLIF(d.doc -> 'analysis_config', 'null'::jsonb), r.created_at
-            FROM unnest(string_to_array($10, ' ')::uuid[], string_to_array($11, ' ')::int[],
-                        $12::text[], $13::text[], $14::timestamptz[],
-                        string_to_array($15, ' ')::int[], string_to_array($16, ' ')::int[])
-                 AS r(id, version_index, provider_version_key, system_fingerprint, created_at,
-                      body_start, body_length)
-            -- OFFSET 0 keeps the subquery from being inlined: one parse per body, not three.
-            CROSS JOIN LATERAL (
-                SELECT convert_from(substring($17::bytea FROM r.body_start FOR r.body_length),
-                                    'UTF8')::jsonb AS doc
-                OFFSET 0
-            ) AS d
-            {results_guard}
-            RETURNING id::text
-        )
-        {results_tail}
+    # $1..$4: per version key (org, workspace, template, version id); $5..$9: one row per
+    # event, sorted by event_id: id, the 1-based position of its key in $1..$4,
+    # occurred_at (as Python parsed it, the same value the version row got), and where its
+    # body sits in $10, every body concatenated. The text columns come from the body, as
+    # PostgreSQL parses it (the same value as the decoder's: duplicate keys, last wins).
+    # Whole numbers and UUIDs travel as space-separated text and bodies as one bytea:
+    # asyncpg spends ~0.25 us per array element on shape checks and regrows its buffer by
+    # ~1 KiB per element past 64 KiB, so fewer, flatter parameters cost the worker far less
+    # CPU (bench/README.md has the numbers).
+    _RESULTS_TEMPLATE: Final = """
+        INSERT INTO prompt_results
+            (id, org_id, workspace_id, template_id, version_id, provider_version_key,
+             system_fingerprint, request, response, analysis_config, created_at)
+        SELECT r.id,
+               ($1::uuid[])[r.k], ($2::uuid[])[r.k], ($3::uuid[])[r.k], ($4::uuid[])[r.k],
+               d.doc ->> 'provider_version_key', d.doc ->> 'system_fingerprint',
+               d.doc -> 'request', d.doc -> 'response',
+               NULLIF(d.doc -> 'analysis_config', 'null'::jsonb), r.created_at
+        FROM unnest(string_to_array($5, ' ')::uuid[], string_to_array($6, ' ')::int[],
+                    $7::timestamptz[], string_to_array($8, ' ')::int[],
+                    string_to_array($9, ' ')::int[])
+             AS r(id, k, created_at, body_start, body_length)
+        -- OFFSET 0 keeps the subquery from being inlined: one parse per body, not five.
+        CROSS JOIN LATERAL (
+            SELECT convert_from(substring($10::bytea FROM r.body_start FOR r.body_length),
+                                'UTF8')::jsonb AS doc
+            OFFSET 0
+        ) AS d
     """
-    # Returns the ids inserted (the others were repeats).
-    INGEST: Final = _INGEST_TEMPLATE.replace(
-        "{results_guard}", "ON CONFLICT (id) DO NOTHING"
-    ).replace("{results_tail}", "SELECT id FROM results")
-    # Returns one row, the count: when it succeeds, every event was inserted.
-    INGEST_FAST: Final = _INGEST_TEMPLATE.replace("{results_guard}", "").replace(
-        "{results_tail}", "SELECT count(*) FROM results"
+    INSERT_RESULTS: Final = (
+        _RESULTS_TEMPLATE + "        ON CONFLICT (id) DO NOTHING\n        RETURNING id::text\n"
     )
+    INSERT_RESULTS_FAST: Final = _RESULTS_TEMPLATE
 
 
 class Outcome(enum.Enum):
@@ -275,18 +286,24 @@ def classify(exc: BaseException) -> TransientError:
 
 # --- ingestion --------------------------------------------------------------------------
 
-#: After a batch held a repeated event, this many batches use INGEST before trying
-#: INGEST_FAST again: replays of stored history then cost one failed attempt per 16 batches.
+#: After a batch held a repeated event, this many batches use INSERT_RESULTS before trying
+#: INSERT_RESULTS_FAST again: replaying stored history costs one failed attempt per 16.
 SAFE_BATCHES_AFTER_REPEAT: Final = 16
+VersionKey = tuple[str, str, str, str]
 
 
 class Store:
-    """Ingestion into PostgreSQL through a pool (or a single connection, for backfill)."""
+    """Ingestion into PostgreSQL through a pool.
 
-    def __init__(self, pool: asyncpg.Pool, *, template_cache_size: int = 100_000) -> None:
+    It caches what never changes: a template's tenancy (``id -> (org, workspace)``) and a
+    version key's row id. Both caches are bounded and only ever hold committed rows.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, *, cache_size: int = 100_000) -> None:
         self.pool = pool
         self._tenants: dict[str, tuple[str, str]] = {}
-        self._template_cache_size = template_cache_size
+        self._versions: dict[VersionKey, str] = {}
+        self._cache_size = cache_size
         self._safe_batches = 0
 
     async def ingest(self, events: Sequence[Event]) -> IngestResult:
@@ -303,18 +320,7 @@ class Store:
                 await self._check_tenants(conn, events, outcomes)
                 todo = self._first_occurrences(events, outcomes)
                 if todo:
-                    batch = [events[i] for i in todo]
-                    try:
-                        inserted = await self._insert(conn, batch)
-                    except asyncpg.PostgresError as exc:
-                        if not is_data_error(exc):
-                            raise
-                        async with conn.transaction():
-                            await self._bisect(conn, events, todo, outcomes)
-                    else:
-                        for i in todo:
-                            stored = events[i].event_id in inserted
-                            outcomes[i] = Outcome.STORED if stored else Outcome.DUPLICATE
+                    await self._ingest(conn, events, todo, outcomes)
         except TransientError:
             raise
         except Exception as exc:
@@ -327,23 +333,122 @@ class Store:
             final.append(o)
         return IngestResult(outcomes=final)
 
-    async def _insert(self, conn: asyncpg.Connection, batch: list[Event]) -> set[str]:
-        """Run the batch, on the fast statement unless repeats were seen lately."""
-        if self._safe_batches > 0:
-            self._safe_batches -= 1
-            return await _run(conn, batch, SQL.INGEST)
-        try:
-            inserted = await _run(conn, batch, SQL.INGEST_FAST)
-        except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name != "prompt_results_pkey":
-                raise
+    async def _ingest(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[Event],
+        todo: list[int],
+        outcomes: list[Outcome | Rejection | None],
+    ) -> None:
+        batch = [events[i] for i in todo]
+        for attempt in range(3):
+            fast = self._safe_batches == 0
+            self._safe_batches = max(self._safe_batches - 1, 0)
+            try:
+                async with conn.transaction():
+                    inserted, learned = await self._write(conn, batch, fast=fast)
+            except asyncpg.UniqueViolationError as exc:
+                if not fast or exc.constraint_name != "prompt_results_pkey":
+                    raise
+                # A repeated event (a redelivery, a replay, another worker): run it again
+                # with the statement that skips repeats.
+                self._safe_batches = SAFE_BATCHES_AFTER_REPEAT
+                continue
+            except asyncpg.ForeignKeyViolationError as exc:
+                if exc.constraint_name != "prompt_results_version_id_fkey" or attempt:
+                    if not is_data_error(exc):
+                        raise
+                    break
+                # A cached version id whose row was deleted by someone: forget them all.
+                self._versions.clear()
+                continue
+            except asyncpg.PostgresError as exc:
+                if not is_data_error(exc):
+                    raise
+                break
+            self._remember(learned)
+            for i in todo:
+                stored = inserted is None or events[i].event_id in inserted
+                outcomes[i] = Outcome.STORED if stored else Outcome.DUPLICATE
+            return
+        # The database refused the data of some event: find which, store the rest.
+        learned = {}
+        async with conn.transaction():
+            await self._bisect(conn, events, todo, outcomes, learned)
+        self._remember(learned)
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[Event],
+        *,
+        fast: bool,
+        pending: dict[VersionKey, str] | None = None,
+    ) -> tuple[set[str] | None, dict[VersionKey, str]]:
+        """The three statements of a batch, inside the caller's transaction or savepoint:
+        upsert new version keys, insert the results, merge the known version keys.
+
+        Returns the ids inserted (None: all of them) and the version ids learned (applied
+        to the cache by the caller, only once the transaction has committed; ``pending``
+        holds those learned earlier in the same, uncommitted transaction).
+        """
+        merged = _collapse(batch)
+        cache = self._versions
+        if pending:
+            cache = _Overlay(cache, pending)
+        uncached = [m for m in merged if m[:4] not in cache]
+        ids = {m[:4]: cache[m[:4]] for m in merged if m[:4] in cache}
+        learned: dict[VersionKey, str] = {}
+        fresh: set[VersionKey] = set()
+        if uncached:
+            for vid, org, ws, tpl, pvk in await conn.fetch(
+                SQL.INSERT_VERSIONS, *([m[j] for m in uncached] for j in range(9))
+            ):
+                learned[(org, ws, tpl, pvk)] = vid
+            fresh = set(learned)
+            existing = [m for m in uncached if m[:4] not in fresh]
+            if existing:
+                for vid, org, ws, tpl, pvk in await conn.fetch(
+                    SQL.VERSION_IDS, *([m[j] for m in existing] for j in range(4))
+                ):
+                    learned[(org, ws, tpl, pvk)] = vid
+            ids.update(learned)
+            if len(ids) < len(merged):  # a row deleted between the two statements
+                raise DatabaseConflict("a version row vanished while being resolved; retrying")
+        keys = list(ids)
+        position = {key: k for k, key in enumerate(keys, start=1)}
+        rows = sorted(batch, key=_by_id)
+        lengths = [len(e.body) for e in rows]
+        args = (
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [ids[k] for k in keys],
+            " ".join([e.event_id for e in rows]),
+            " ".join([str(position[e.version_key]) for e in rows]),
+            [e.occurred_at for e in rows],
+            " ".join(map(str, itertools.accumulate(lengths[:-1], initial=1))),
+            " ".join(map(str, lengths)),
+            b"".join([e.body for e in rows]),
+        )
+        inserted: set[str] | None = None
+        if fast:
+            await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
         else:
-            count = inserted.pop()
-            assert count == str(len(batch)), (count, len(batch))
-            return {e.event_id for e in batch}
-        # A repeated event (a redelivery, a replay, another worker): nothing was written.
-        self._safe_batches = SAFE_BATCHES_AFTER_REPEAT
-        return await _run(conn, batch, SQL.INGEST)
+            inserted = {r[0] for r in await conn.fetch(SQL.INSERT_RESULTS, *args)}
+        merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
+        if merge:
+            await conn.execute(
+                SQL.MERGE_VERSIONS,
+                [ids[m[:4]] for m in merge],
+                *([m[j] for m in merge] for j in range(4, 9)),
+            )
+        return inserted, learned
+
+    def _remember(self, learned: dict[VersionKey, str]) -> None:
+        if len(self._versions) + len(learned) > self._cache_size:
+            self._versions.clear()
+        self._versions.update(learned)
 
     async def _check_tenants(
         self,
@@ -355,7 +460,7 @@ class Store:
         unknown = {e.template_id for e in events if e.template_id not in tenants}
         if unknown:
             rows = await conn.fetch(SQL.TEMPLATE_TENANTS, list(unknown))
-            if len(tenants) + len(rows) > self._template_cache_size:
+            if len(tenants) + len(rows) > self._cache_size:
                 tenants.clear()
             for template_id, org_id, workspace_id in rows:
                 tenants[template_id] = (org_id, workspace_id)
@@ -394,11 +499,14 @@ class Store:
         events: Sequence[Event],
         todo: list[int],
         outcomes: list[Outcome | Rejection | None],
+        learned: dict[VersionKey, str],
     ) -> None:
         """Find the events the database refuses, under savepoints; store the rest."""
         try:
             async with conn.transaction():  # a savepoint inside the batch's transaction
-                inserted = await _run(conn, [events[i] for i in todo], SQL.INGEST)
+                inserted, found = await self._write(
+                    conn, [events[i] for i in todo], fast=False, pending=learned
+                )
         except asyncpg.PostgresError as exc:
             if not is_data_error(exc):
                 raise
@@ -406,11 +514,28 @@ class Store:
                 outcomes[todo[0]] = _rejection_for(exc)
                 return
             middle = len(todo) // 2
-            await self._bisect(conn, events, todo[:middle], outcomes)
-            await self._bisect(conn, events, todo[middle:], outcomes)
+            await self._bisect(conn, events, todo[:middle], outcomes, learned)
+            await self._bisect(conn, events, todo[middle:], outcomes, learned)
             return
+        learned.update(found)  # visible to the later savepoints of this transaction
+        assert inserted is not None
         for i in todo:
             outcomes[i] = Outcome.STORED if events[i].event_id in inserted else Outcome.DUPLICATE
+
+class _Overlay(dict[VersionKey, str]):
+    """The cache seen through the ids learned in an uncommitted transaction."""
+
+    def __init__(self, base: dict[VersionKey, str], top: dict[VersionKey, str]) -> None:
+        super().__init__(top)
+        self._base = base
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(key) or key in self._base
+
+    def __getitem__(self, key: VersionKey) -> str:
+        if super().__contains__(key):
+            return super().__getitem__(key)
+        return self._base[key]
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
@@ -456,36 +581,6 @@ def _collapse(
         newest = (at, e.provider, e.model_id)
         g[3] = max(g[3], newest)
     return [(*key, g[3][1], g[3][2], g[0], g[1], g[2]) for key, g in sorted(groups.items())]
-
-
-async def _run(conn: asyncpg.Connection, batch: list[Event], statement: str) -> set[str]:
-    """Run an ingest statement for ``batch``; the set of event_ids actually inserted."""
-    versions = _collapse(batch)
-    position = {v[:4]: i for i, v in enumerate(versions, start=1)}
-    rows = sorted(batch, key=_by_id)
-    lengths = [len(e.body) for e in rows]
-    starts = list(itertools.accumulate(lengths[:-1], initial=1))  # 1-based, for substring
-    records = await conn.fetch(
-        statement,
-        [v[0] for v in versions],
-        [v[1] for v in versions],
-        [v[2] for v in versions],
-        [v[3] for v in versions],
-        [v[4] for v in versions],
-        [v[5] for v in versions],
-        [v[6] for v in versions],
-        [v[7] for v in versions],
-        [v[8] for v in versions],
-        " ".join([e.event_id for e in rows]),
-        " ".join([str(position[e.version_key]) for e in rows]),
-        [e.provider_version_key for e in rows],
-        [e.system_fingerprint for e in rows],
-        [e.occurred_at for e in rows],
-        " ".join(map(str, starts)),
-        " ".join(map(str, lengths)),
-        b"".join([e.body for e in rows]),
-    )
-    return {str(r[0]) for r in records}
 
 
 def _by_id(e: Event) -> str:
