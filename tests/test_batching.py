@@ -1,0 +1,122 @@
+"""Batching and acknowledgement bookkeeping: pure logic, no servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.amqp import Delivery
+from worker.batching import Dispatcher, Source
+
+
+def delivery(tag: int, *, count: int = 0, channel: int = 1) -> Delivery:
+    d = Delivery(channel, tag, b"")
+    d.delivery_count = count
+    return d
+
+
+def test_watermark_moves_over_contiguous_tags_only() -> None:
+    """Tags completed out of order ack nothing until the gap below them is filled."""
+    s = Source(None, 1, "q", replay=False)
+    s.received = 6
+    assert s.complete([3, 4]) is None
+    assert s.complete([1]) == 1
+    assert s.complete([2]) == 4
+    assert s.complete([6]) is None
+    assert s.complete([5]) == 6
+    assert s.held == 0
+
+
+async def test_full_batches_go_at_once_and_the_rest_after_the_wait() -> None:
+    """A full batch is cut immediately; a partial one after batch_wait, not before."""
+    d = Dispatcher(batch_size=3, batch_wait=0.2)
+    s = Source(None, 1, "q", replay=False)
+    loop = asyncio.get_running_loop()
+    for tag in range(1, 6):
+        d.add(s, delivery(tag), loop.time())
+    first = await asyncio.wait_for(d.next_batch(), 1)
+    assert [h[1].delivery_tag for h in first or []] == [1, 2, 3]
+    d.done(first or [])
+    started = loop.time()
+    second = await asyncio.wait_for(d.next_batch(), 2)
+    assert [h[1].delivery_tag for h in second or []] == [4, 5]
+    assert loop.time() - started >= 0.15
+
+
+async def test_live_deliveries_go_before_replayed_ones() -> None:
+    """With both buffered, a batch takes live deliveries first."""
+    d = Dispatcher(batch_size=4, batch_wait=0)
+    live = Source(None, 1, "live", replay=False)
+    replay = Source(None, 2, "replay", replay=True)
+    now = asyncio.get_running_loop().time()
+    for tag in range(1, 4):
+        d.add(replay, delivery(tag, channel=2), now)
+    for tag in range(1, 3):
+        d.add(live, delivery(tag), now)
+    batch = await asyncio.wait_for(d.next_batch(), 1)
+    assert [(h[0].queue, h[1].delivery_tag) for h in batch or []] == [
+        ("live", 1),
+        ("live", 2),
+        ("replay", 1),
+        ("replay", 2),
+    ]
+
+
+async def test_suspects_go_alone_with_nothing_in_flight() -> None:
+    """A delivery seen twice before is processed in a batch of its own, and only once no
+    other batch is in flight; lowest delivery count first."""
+    d = Dispatcher(batch_size=10, batch_wait=0)
+    s = Source(None, 1, "q", replay=False)
+    now = asyncio.get_running_loop().time()
+    d.add(s, delivery(1), now)
+    d.add(s, delivery(2, count=5), now)
+    d.add(s, delivery(3, count=2), now)
+    first = await asyncio.wait_for(d.next_batch(), 1)
+    assert [h[1].delivery_tag for h in first or []] == [1]
+    waiting = asyncio.create_task(d.next_batch())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # the clean batch is still in flight
+    d.done(first or [])
+    second = await asyncio.wait_for(waiting, 1)
+    assert [h[1].delivery_tag for h in second or []] == [3]
+    third = asyncio.create_task(d.next_batch())
+    await asyncio.sleep(0.05)
+    assert not third.done()  # a suspect is in flight: everything else waits
+    d.done(second or [])
+    assert [h[1].delivery_tag for h in await asyncio.wait_for(third, 1) or []] == [2]
+
+
+@pytest.mark.parametrize(("count", "expected"), [(3, [1, 2, 3]), (4, [3, 2, 1])])
+async def test_ties_alternate_order_with_the_count(count: int, expected: list[int]) -> None:
+    """Equal counts go first-in-first-out when odd, last-in-first-out when even, so a
+    crasher cannot stay in front of the same neighbours cycle after cycle."""
+    d = Dispatcher(batch_size=10, batch_wait=0)
+    s = Source(None, 1, "q", replay=False)
+    now = asyncio.get_running_loop().time()
+    for tag in (1, 2, 3):
+        d.add(s, delivery(tag, count=count), now)
+    order = []
+    for _ in range(3):
+        batch = await asyncio.wait_for(d.next_batch(), 1)
+        order.append((batch or [])[0][1].delivery_tag)
+        d.done(batch or [])
+    assert order == expected
+
+
+async def test_drop_forgets_a_closed_channel_and_draining_ends() -> None:
+    """Buffered deliveries of a closed channel are dropped (the broker redelivers them);
+    once draining and empty, next_batch returns None."""
+    d = Dispatcher(batch_size=10, batch_wait=5)
+    gone = Source(None, 1, "q", replay=False)
+    kept = Source(None, 2, "r", replay=True)
+    now = asyncio.get_running_loop().time()
+    d.add(gone, delivery(1), now)
+    d.add(kept, delivery(1, channel=2), now)
+    d.add(gone, delivery(2, count=3), now)
+    assert d.drop(gone) == 2
+    d.draining = True
+    batch = await asyncio.wait_for(d.next_batch(), 1)
+    assert [(h[0].queue, h[1].delivery_tag) for h in batch or []] == [("r", 1)]
+    d.done(batch or [])
+    assert await asyncio.wait_for(d.next_batch(), 1) is None
