@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import subprocess
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -60,6 +62,25 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:10]}"
 
 
+RUNTIME_ROLE_SQL = ROOT / "sql" / "runtime_role.sql"
+
+
+def apply_runtime_role(url: str, role: str, password: str | None = None) -> None:
+    """Run the shipped ``sql/runtime_role.sql`` with psql, as an operator does."""
+    args = ["psql", url, "-X", "-q", "-v", f"role={role}", "-f", str(RUNTIME_ROLE_SQL)]
+    if password is not None:
+        args[4:4] = ["-v", f"password={password}"]
+    subprocess.run(args, check=True, capture_output=True, text=True, timeout=60)
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    """``url`` logging in as ``user`` with ``password`` instead of its own credentials."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    userinfo = f"{urllib.parse.quote(user)}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+
+
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:
     """A database migrated to head once per session; tests get copies of it."""
@@ -72,6 +93,28 @@ def migrated_template() -> Iterator[str]:
         yield name
     finally:
         drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def runtime_role(migrated_template: str) -> Iterator[tuple[str, str]]:
+    """The least-privilege runtime role (``sql/runtime_role.sql``), unique to this session,
+    granted on the template database (so every test database copied from it has the
+    grants); dropped at the end. Its (name, password)."""
+    role, password = unique_name("prompter_rt"), secrets.token_urlsafe(18)
+    apply_runtime_role(database_url(migrated_template), role, password)
+    try:
+        yield role, password
+    finally:
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(database_url(migrated_template))
+            try:
+                await conn.execute(f'DROP OWNED BY "{role}"')
+            finally:
+                await conn.close()
+            await _admin(f'DROP ROLE IF EXISTS "{role}"')
+
+        asyncio.run(drop())
 
 
 @pytest.fixture
@@ -155,13 +198,14 @@ async def topology(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, st
 
 
 @pytest.fixture
-def settings(database: str, topology: dict[str, str]) -> Settings:
-    """Worker settings on this test's database and names; small batches, fast retries."""
+def settings(database: str, topology: dict[str, str], runtime_role: tuple[str, str]) -> Settings:
+    """Worker settings on this test's database and names; small batches, fast retries.
+    The worker logs in as the least-privilege runtime role, as in production."""
     from worker.config import Settings
 
     return Settings.from_env(
         {},
-        database_url=database,
+        database_url=with_user(database, *runtime_role),
         amqp_url=AMQP_URL,
         batch_wait_ms=20,
         retry_max_seconds=1.0,
