@@ -270,19 +270,26 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
 async def test_with_the_broker_down_nothing_is_reported_published(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """An unreachable broker: the report says 0 confirmed and gives the error, with the
-    password masked."""
+    """An unreachable broker: the report says 0 confirmed, gives the error with the
+    password masked, and says which files were not reached."""
     tenant = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
-    path = write_jsonl(tmp_path / "h.jsonl", [encode(event_doc(tenant)) for _ in range(10)])
+    paths = [
+        str(write_jsonl(tmp_path / f"h{i}.jsonl", [encode(event_doc(tenant)) for _ in range(10)]))
+        for i in range(2)
+    ]
     down = settings.replace(amqp_url="amqp://guest:hunter2@127.0.0.1:1/")
     report = await replay.run_broker(
-        down, [str(path)], mode="publish", routing_key=broker.LIVE_ROUTING_KEY
+        down, paths, mode="publish", routing_key=broker.LIVE_ROUTING_KEY
     )
     assert not report.ok
     assert report.confirmed == 0
     assert report.error is not None
     assert "cannot reach RabbitMQ" in report.error
-    assert "hunter2" not in render(report)
+    assert [f.reached for f in report.files] == [True, False]
+    summary = render(report)
+    assert "hunter2" not in summary
+    assert f"{paths[0]}: stopped before line 1" in summary
+    assert f"{paths[1]}: not reached" in summary
 
 
 async def test_rate_limit_paces_the_replay(settings: Settings, tmp_path: Path) -> None:

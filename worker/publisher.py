@@ -192,11 +192,13 @@ class Publisher:
         """Connect (if not connected) and declare or check the topology."""
         await self._ready_channel()
 
-    async def close(self) -> None:
-        """Wait for the confirms still outstanding (up to ``confirm_timeout``), then close.
-        Outstanding publishes not confirmed by then fail with BrokerUnavailable."""
-        if self._outstanding:
-            await asyncio.wait(set(self._outstanding), timeout=self.confirm_timeout)
+    async def close(self, *, grace: float | None = None) -> None:
+        """Wait for the confirms still outstanding (up to ``grace`` seconds, by default
+        ``confirm_timeout``), then close. Publishes not confirmed by then fail with
+        BrokerUnavailable."""
+        wait = self.confirm_timeout if grace is None else grace
+        if self._outstanding and wait > 0:
+            await asyncio.wait(set(self._outstanding), timeout=wait)
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):

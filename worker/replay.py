@@ -265,6 +265,8 @@ class _Run:
     def finish(self) -> Report:
         report = self.report
         report.elapsed = time.monotonic() - self._started
+        for inp in self.inputs[len(report.files) :]:  # never started: a failure or a stop
+            report.files.append(FileReport(name=inp.name, resumed_after=inp.after, reached=False))
         if self.failure is not None and report.error is None:
             report.error = str(self.failure) or type(self.failure).__name__
         if self.stop.is_set():
@@ -479,7 +481,7 @@ async def ingest_files(
                         return
                     delay = min(retry_max_seconds, 0.2 * 2**attempt) * random.uniform(0.5, 1)
                     await asyncio.sleep(delay)
-                except WorkerError as exc:  # not worth retrying: a missing table, say
+                except Exception as exc:  # not worth retrying: a missing table, say
                     file.unconfirmed += len(batch)
                     run.fail(exc)
                     return
@@ -526,13 +528,14 @@ async def ingest_files(
                     file.valid += 1
                     if store is None:
                         mark.skip(line)
-                        continue
-                    await pacer.wait()
-                    batch.append((line, item))
-                    mark.sent(line)
-                    if len(batch) >= batch_size:
-                        await submit(inp.name, file, mark, batch)
-                        batch = []
+                    else:
+                        await pacer.wait()
+                        batch.append((line, item))
+                        mark.sent(line)
+                        if len(batch) >= batch_size:
+                            await submit(inp.name, file, mark, batch)
+                            batch = []
+                    if line % TICK_EVERY_LINES == 0:
                         run.tick(reader)
                 else:
                     eof = True
@@ -600,7 +603,7 @@ async def run_broker(
             )
     finally:
         if publisher is not None:
-            await publisher.close()
+            await publisher.close(grace=0 if stop.now.is_set() else None)
 
 
 async def run_direct(

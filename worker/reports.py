@@ -49,6 +49,7 @@ class FileReport:
     unconfirmed: int = 0  # sent, but no confirm (or no commit) came
     refused: int = 0  # --direct: valid by the contract, refused by the store (a template)
     stopped_after: int | None = None  # the last line read, when the run stopped before EOF
+    reached: bool = True  # False: the run stopped before it got to this file
     invalid: list[Invalid] = field(default_factory=list)
 
 
@@ -116,6 +117,7 @@ class Report:
                     "name": f.name,
                     "resumed_after": f.resumed_after,
                     "already_complete": f.already_complete,
+                    "reached": f.reached,
                     "valid": f.valid,
                     "confirmed": f.confirmed,
                     "stored": f.stored,
@@ -137,7 +139,7 @@ def render(report: Report, *, with_error: bool = True) -> str:
     for f in report.files:
         if f.already_complete:
             out.append(f"{f.name}: already complete per the checkpoint, skipped")
-        elif f.resumed_after:
+        elif f.resumed_after and f.reached:
             out.append(f"{f.name}: resumed after line {f.resumed_after:,}")
     invalid = report.invalid
     for inv in invalid[:SHOWN_INVALID]:
@@ -170,7 +172,9 @@ def render(report: Report, *, with_error: bool = True) -> str:
     if report.unsent:
         out.append(f"{_n(report.unsent, 'valid event')} read but not sent")
     for f in report.files:
-        if f.stopped_after is not None:
+        if not f.reached:
+            out.append(f"{f.name}: not reached, nothing of it was processed")
+        elif f.stopped_after is not None:
             out.append(
                 f"{f.name}: stopped before line {f.stopped_after + 1:,}: "
                 "it and the rest were not processed"
