@@ -107,6 +107,7 @@ async def test_publish_of_a_valid_file_exits_0_and_prints_json(
     assert result.code == 0, result
     summary = orjson.loads(result.out)
     assert (summary["confirmed"], summary["invalid"], summary["error"]) == (25, [], None)
+    assert "%|" not in result.err  # stderr is not a terminal: no progress bar
     assert await queue_depth(settings.queue) == 25
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import uuid
 from pathlib import Path
@@ -15,7 +16,7 @@ from worker.checkpoint import Checkpoint, Watermark
 from worker.errors import InputError, Rejection
 from worker.events import Event
 from worker.jsonl import FileIdentity, Reader
-from worker.replay import Pacer
+from worker.replay import Pacer, Progress
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
 
@@ -250,3 +251,23 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
     path.write_bytes(orjson.dumps({"hello": "world"}))
     with pytest.raises(InputError, match="not a prompter-worker checkpoint"):
         Checkpoint.load(str(path))
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+def test_progress_bar_shows_rate_and_eta_only_when_enabled() -> None:
+    """Enabled (a terminal): a bar with bytes, rate, ETA and events per second. Disabled:
+    not a character written."""
+    shown, quiet = io.StringIO(), io.StringIO()
+    for stream, enabled in ((shown, True), (quiet, False)):
+        progress = Progress(10_000, enabled=enabled, stream=stream)
+        progress.update(2_500, 100)
+        progress.update(5_000, 200)
+        progress.close()
+    text = shown.getvalue()
+    assert "50%" in text
+    assert "B/s" in text  # the rate
+    assert "<" in text  # elapsed<remaining: the ETA
+    assert "200 events" in text
+    assert quiet.getvalue() == ""

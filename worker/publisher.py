@@ -275,8 +275,7 @@ class Publisher:
         away if no channel can be opened. The same event id is never in flight twice: a
         repeat waits for the first copy to settle (returned messages are matched by id).
         """
-        earlier = self._by_id.get(prepared.event_id)
-        if earlier is not None:
+        while (earlier := self._by_id.get(prepared.event_id)) is not None:
             await asyncio.wait([earlier])
         await self._slots.acquire()
         try:
