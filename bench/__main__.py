@@ -1,11 +1,68 @@
-"""`python -m bench`: benchmarks against the local PostgreSQL and RabbitMQ."""
+"""`python -m bench`: the benchmark suite against the local PostgreSQL and RabbitMQ.
+
+Measures, on one deterministic data set: (a) a bare aio-pika consumer that only acks,
+(b) COPY of the same rows, (c) the naive per-message consumer, (d) `prompter-worker run`
+end to end from a pre-filled queue, (e) the worker's CPU per event, (f) latency at a steady
+publish rate, (g) peak RSS on a large backlog; plus ingest alone vs COPY, publishing
+(pipelined vs awaited confirms), direct backfill, and throughput by batch size. Writes
+`<out>/<date>-<host>.md`, `.json` and `.png`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
-from bench import ingest, publish
+import asyncpg
+import orjson
+
+from bench import e2e, ingest, publish
+from bench.data import make_events, make_templates, register_templates
+from bench.harness import scratch_database
+from bench.report import Results, write
+
+PARTS = ("drain", "ingest", "latency", "rss", "publish", "sweep")
+
+
+async def run(args: argparse.Namespace) -> Results:
+    tpls = make_templates()
+    bodies = make_events(args.events, tpls)
+    results = Results(
+        events=args.events,
+        event_bytes=sum(map(len, bodies)) // len(bodies),
+        reps=args.reps,
+        quick=args.quick,
+    )
+    parts = args.only or PARTS
+    async with scratch_database() as url:
+        conn = await asyncpg.connect(url)
+        await register_templates(conn, tpls)
+        await conn.close()
+        if "drain" in parts:
+            print("draining pre-filled queues: bare, worker, naive", flush=True)
+            naive = min(args.events, 500 if args.quick else 10_000)
+            results.series = await e2e.drains(url, bodies, args.reps, naive)
+        if "latency" in parts:
+            print(f"latency at {args.rate:,} events/s", flush=True)
+            docs = [orjson.loads(b) for b in bodies[:1000]]
+            results.latency = await e2e.latency(url, docs, args.rate, args.seconds)
+            results.latency_rate = args.rate
+        if "sweep" in parts:
+            print("throughput by batch size", flush=True)
+            sizes = (50, 500) if args.quick else (25, 100, 250, 500, 1000, 2000)
+            sweep_events = bodies[: min(len(bodies), 30_000)]
+            results.sweep = await e2e.batch_sweep(url, sweep_events, sizes)
+        if "rss" in parts:
+            print(f"peak RSS on a backlog of {args.backlog:,}", flush=True)
+            results.rss = await e2e.peak_rss(url, bodies, args.backlog)
+    if "ingest" in parts:
+        print("ingest alone vs COPY", flush=True)
+        results.ingest = await ingest.run(args.events, args.reps)
+    if "publish" in parts:
+        print("publishing: pipelined vs awaited; direct backfill", flush=True)
+        results.publish = await publish.run(args.events, args.reps)
+    return results
 
 
 def main() -> None:
@@ -13,15 +70,21 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000, help="events per run")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement")
     parser.add_argument("--quick", action="store_true", help="a few thousand events, once")
-    parser.add_argument("--only", choices=["ingest", "publish"], help="run one benchmark")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts")
+    parser.add_argument("--rate", type=int, default=2000, help="events/s for the latency run")
+    parser.add_argument("--seconds", type=float, default=20, help="length of the latency run")
+    parser.add_argument("--backlog", type=int, default=1_000_000, help="events for peak RSS")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results", help="report folder"
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.reps = min(args.events, 3000), 1
-    if args.only == "publish":
-        print(publish.report(asyncio.run(publish.run(args.events, args.reps))))
-        return
-    series = asyncio.run(ingest.run(args.events, args.reps))
-    print(ingest.report(series))
+        args.seconds, args.backlog = min(args.seconds, 3), min(args.backlog, 5000)
+    results = asyncio.run(run(args))
+    path = write(results, args.out)
+    print(path.read_text())
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

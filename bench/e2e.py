@@ -19,13 +19,15 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiormq
 import asyncpg
+import orjson
 from pamqp import commands as spec
 
-from bench.harness import AMQP_URL
+from bench.harness import AMQP_URL, Series
 from worker import broker
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -233,3 +235,183 @@ async def drain_with_worker(
         return WorkerRun(n - base, t1 - t0, cpu1 - cpu0, rss)
     finally:
         await conn.close()
+
+
+# --- the measurements -----------------------------------------------------------------------
+
+BARE = "(a) bare aio-pika consumer, ack only"
+NAIVE = "(c) naive consumer, one transaction per message"
+WORKER = "(d) prompter-worker run"
+WORKER_CPU = "(e) worker CPU per event"
+BARE_CPU = "(a) bare consumer CPU per message"
+
+
+async def _truncate(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE prompt_results, prompt_versions")
+        await conn.execute("VACUUM ANALYZE prompt_results")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def drains(url: str, bodies: list[bytes], reps: int, naive_events: int) -> dict[str, Series]:
+    """(a), (c), (d) and (e), interleaved: each run drains its own pre-filled queue.
+
+    The naive consumer gets the first ``naive_events`` events only (it is two orders of
+    magnitude slower; its rate is steady long before that)."""
+    n = len(bodies)
+    out = {
+        BARE: Series(BARE, "events/s"),
+        NAIVE: Series(NAIVE, "events/s"),
+        WORKER: Series(WORKER, "events/s"),
+        WORKER_CPU: Series(WORKER_CPU, "us"),
+        BARE_CPU: Series(BARE_CPU, "us"),
+    }
+    order = [BARE, WORKER, NAIVE]
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else list(reversed(order)):
+            await _truncate(url)
+            async with topology() as names:
+                if name == BARE:
+                    await prefill(names, bodies)
+                    r = await run_baseline("bare", names, n)
+                    out[BARE].values.append(n / r["seconds"])
+                    out[BARE_CPU].values.append(r["cpu_seconds"] / n * 1e6)
+                elif name == NAIVE:
+                    await prefill(names, bodies[:naive_events])
+                    r = await run_baseline("naive", names, naive_events, url)
+                    out[NAIVE].values.append(naive_events / r["seconds"])
+                else:
+                    await prefill(names, bodies)
+                    w = await drain_with_worker(names, url, n)
+                    out[WORKER].values.append(w.events / w.seconds)
+                    out[WORKER_CPU].values.append(w.cpu_seconds / w.events * 1e6)
+            print(f"  rep {rep + 1} {name}: {out[name].values[-1]:,.0f} events/s", flush=True)
+    return out
+
+
+async def batch_sweep(url: str, bodies: list[bytes], sizes: Sequence[int]) -> dict[int, float]:
+    """Worker drain rate by batch size (one run each, same events)."""
+    rates = {}
+    for size in sizes:
+        await _truncate(url)
+        async with topology() as names:
+            await prefill(names, bodies)
+            w = await drain_with_worker(
+                names,
+                url,
+                len(bodies),
+                {"PROMPTER_BATCH_SIZE": str(size), "PROMPTER_PREFETCH": str(max(2000, 2 * size))},
+            )
+        rates[size] = w.events / w.seconds
+        print(f"  batch size {size}: {rates[size]:,.0f} events/s", flush=True)
+    return rates
+
+
+NOTIFY_TRIGGER = """
+    CREATE OR REPLACE FUNCTION bench_notify_commit() RETURNS trigger AS $$
+    DECLARE
+        stamps text[];
+        i int := 1;
+    BEGIN
+        SELECT array_agg((extract(epoch FROM created_at) * 1000000)::bigint::text)
+        INTO stamps FROM new_rows;
+        WHILE i <= coalesce(array_length(stamps, 1), 0) LOOP
+            PERFORM pg_notify('bench_commit', array_to_string(stamps[i:i + 399], ','));
+            i := i + 400;
+        END LOOP;
+        RETURN NULL;
+    END $$ LANGUAGE plpgsql;
+    CREATE TRIGGER bench_notify_commit AFTER INSERT ON prompt_results
+        REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT
+        EXECUTE FUNCTION bench_notify_commit();
+"""
+
+
+async def latency(url: str, docs: list[dict[str, Any]], rate: int, seconds: float) -> list[float]:
+    """End-to-end latency at a steady publish rate: each event is published with
+    ``occurred_at`` = now; a trigger (in the benchmark's database only) NOTIFYs each
+    statement's ``created_at`` values, which PostgreSQL delivers at commit; latency is the
+    time of that notification minus ``occurred_at``. Returns the latencies in seconds."""
+    await _truncate(url)
+    conn = await asyncpg.connect(url)
+    seen: list[float] = []
+
+    def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+        now = time.time()
+        seen.extend(now - int(us) / 1e6 for us in payload.split(","))
+
+    await conn.execute(NOTIFY_TRIGGER)
+    await conn.add_listener("bench_commit", on_notify)
+    total = int(rate * seconds)
+    try:
+        async with topology() as names, worker_process(names, url):
+            amqp_conn = await aiormq.connect(AMQP_URL)
+            channel = await amqp_conn.channel(publisher_confirms=True)
+            props = spec.Basic.Properties(delivery_mode=2, content_type="application/json")
+            tick = 0.01
+            per_tick = rate * tick
+            start = time.perf_counter()
+            sent = 0
+            pending: set[asyncio.Future[Any]] = set()
+            while sent < total:
+                due = int((time.perf_counter() - start) / tick * per_tick) + 1
+                while sent < min(due, total):
+                    doc = dict(docs[sent % len(docs)])
+                    doc["event_id"] = str(uuid.uuid4())
+                    doc["occurred_at"] = _now_iso()
+                    fut = asyncio.ensure_future(
+                        channel.basic_publish(
+                            orjson.dumps(doc),
+                            exchange=names.exchange,
+                            routing_key=broker.LIVE_ROUTING_KEY,
+                            properties=props,
+                        )
+                    )
+                    pending.add(fut)
+                    fut.add_done_callback(pending.discard)
+                    sent += 1
+                await asyncio.sleep(tick / 2)
+            if pending:
+                await asyncio.gather(*pending)
+            deadline = time.monotonic() + 30
+            while len(seen) < total and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a list filled by a callback
+                await asyncio.sleep(0.05)
+            await amqp_conn.close()
+    finally:
+        await conn.remove_listener("bench_commit", on_notify)
+        await conn.execute("DROP TRIGGER bench_notify_commit ON prompt_results")
+        await conn.close()
+    if len(seen) < total:
+        raise RuntimeError(f"only {len(seen)} of {total} events were committed")
+    return seen
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def peak_rss(url: str, bodies: list[bytes], backlog: int) -> dict[str, float]:
+    """Peak RSS of the worker draining a backlog of ``backlog`` events (the data set
+    repeated with fresh ids), with its drain rate."""
+    await _truncate(url)
+    async with topology() as names:
+        chunk = 20_000
+        published = 0
+        while published < backlog:
+            part = []
+            for i in range(min(chunk, backlog - published)):
+                doc = orjson.loads(bodies[(published + i) % len(bodies)])
+                doc["event_id"] = str(uuid.uuid4())
+                part.append(orjson.dumps(doc))
+            await prefill(names, part)
+            published += len(part)
+            print(f"  backlog {published:,}/{backlog:,}", flush=True)
+        w = await drain_with_worker(names, url, backlog)
+    return {
+        "events": backlog,
+        "peak_rss_bytes": w.peak_rss_bytes,
+        "events_per_second": w.events / w.seconds,
+    }

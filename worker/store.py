@@ -415,6 +415,26 @@ class Store:
             ids.update(learned)
             if len(ids) < len(merged):  # a row deleted between the two statements
                 raise DatabaseConflict("a version row vanished while being resolved; retrying")
+        inserted = await self._insert_results(conn, batch, ids, fast=fast)
+        merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
+        if merge:
+            await conn.execute(
+                SQL.MERGE_VERSIONS,
+                [ids[m[:4]] for m in merge],
+                *([m[j] for m in merge] for j in range(4, 9)),
+            )
+        return inserted, learned
+
+    async def _insert_results(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[Event],
+        ids: dict[VersionKey, str],
+        *,
+        fast: bool,
+    ) -> set[str] | None:
+        """Insert the result rows (``ids``: the version id of every key of the batch);
+        the ids inserted, or None for all of them."""
         keys = list(ids)
         position = {key: k for k, key in enumerate(keys, start=1)}
         rows = sorted(batch, key=_by_id)
@@ -431,19 +451,10 @@ class Store:
             " ".join(map(str, lengths)),
             b"".join([e.body for e in rows]),
         )
-        inserted: set[str] | None = None
         if fast:
             await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
-        else:
-            inserted = {r[0] for r in await conn.fetch(SQL.INSERT_RESULTS, *args)}
-        merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
-        if merge:
-            await conn.execute(
-                SQL.MERGE_VERSIONS,
-                [ids[m[:4]] for m in merge],
-                *([m[j] for m in merge] for j in range(4, 9)),
-            )
-        return inserted, learned
+            return None
+        return {r[0] for r in await conn.fetch(SQL.INSERT_RESULTS, *args)}
 
     def _remember(self, learned: dict[VersionKey, str]) -> None:
         if len(self._versions) + len(learned) > self._cache_size:

@@ -1,0 +1,220 @@
+"""The benchmark report: a markdown table with the ratios and targets, the raw numbers as
+JSON, and a plot (throughput by batch size, latency percentiles)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+
+import matplotlib.pyplot as plt
+
+from bench import e2e, ingest, publish
+from bench.harness import Series
+
+
+@dataclass
+class Results:
+    events: int
+    event_bytes: int
+    reps: int
+    quick: bool
+    series: dict[str, Series] = field(default_factory=dict)
+    ingest: dict[str, Series] = field(default_factory=dict)
+    publish: dict[str, Series] = field(default_factory=dict)
+    latency: list[float] = field(default_factory=list)
+    latency_rate: int = 0
+    rss: dict[str, float] = field(default_factory=dict)
+    sweep: dict[int, float] = field(default_factory=dict)
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def _versions() -> dict[str, str]:
+    def run(*cmd: str) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+            return out.stdout.strip()
+        except OSError:
+            return "unknown"
+
+    rabbit = run("rabbitmqctl", "-q", "version")
+    postgres = run("psql", "--version")
+    return {
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+        "memory_gib": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}",
+        "rabbitmq": rabbit or "unknown",
+        "postgresql": postgres.split()[-1] if postgres else "unknown",
+    }
+
+
+def _row(s: Series, digits: int = 0) -> str:
+    return f"| {s.name} | {s.median:,.{digits}f} | {s.low:,.{digits}f} - {s.high:,.{digits}f} |"
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def markdown(r: Results, plot_name: str | None) -> str:
+    v = _versions()
+    lines = [
+        f"# prompter-worker benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Host `{socket.gethostname()}`: {v['cpus']} cores, {v['memory_gib']} GiB; Python "
+        f"{v['python']}, PostgreSQL {v['postgresql']}, RabbitMQ {v['rabbitmq']}; broker, "
+        "database and consumers share the machine. "
+        f"{r.events:,} events of about {r.event_bytes:,} bytes; each measurement "
+        f"{r.reps} time(s), interleaved; medians with min - max."
+        + (" **Quick run (smoke test): numbers not meaningful.**" if r.quick else ""),
+        "",
+    ]
+    s = r.series
+    if s:
+        a, c, d = s[e2e.BARE].median, s[e2e.NAIVE].median, s[e2e.WORKER].median
+        cpu_d, cpu_a = s[e2e.WORKER_CPU].median, s[e2e.BARE_CPU].median
+        copy = r.ingest[ingest.COPY_PREBUILT].median if r.ingest else float("nan")
+        lines += [
+            "## Draining a pre-filled queue",
+            "",
+            "| contender | events/s | min - max |",
+            "|---|---|---|",
+            _row(s[e2e.BARE]),
+            _row(s[e2e.NAIVE]),
+            _row(s[e2e.WORKER]),
+            "",
+            "| CPU of the consumer's own process | µs per event | min - max |",
+            "|---|---|---|",
+            _row(s[e2e.BARE_CPU], 1),
+            _row(s[e2e.WORKER_CPU], 1),
+            "",
+            "| ratio | value | target | |",
+            "|---|---|---|---|",
+            f"| d / a: worker vs bare consumer | {d / a:.2f}x | >= 1.0x | {_check(d >= a)} |",
+            f"| d / b: worker vs COPY of the same rows | {d / copy:.2f}x | | |",
+            f"| d / c: worker vs naive consumer | {d / c:.1f}x | >= 10x | {_check(d >= 10 * c)} |",
+            f"| e / a: worker CPU per event vs bare CPU per message | {cpu_d / cpu_a:.2f} | <= 0.5"
+            f" | {_check(cpu_d <= 0.5 * cpu_a)} |",
+            "",
+        ]
+    if r.ingest:
+        lines += ["## Ingest alone vs COPY (batches of 1,000)", "", ingest.report(r.ingest), ""]
+    if r.latency:
+        p50, p90, p99 = (percentile(r.latency, p) for p in (50, 90, 99))
+        lines += [
+            f"## Latency at a steady {r.latency_rate:,} events/s",
+            "",
+            "occurred_at (set at publish) to the commit of its row, for "
+            f"{len(r.latency):,} events.",
+            "",
+            "| p50 | p90 | p99 | max | target |",
+            "|---|---|---|---|---|",
+            f"| {p50 * 1000:.1f} ms | {p90 * 1000:.1f} ms | {p99 * 1000:.1f} ms | "
+            f"{max(r.latency) * 1000:.1f} ms | p99 <= 50 ms: {_check(p99 <= 0.05)} |",
+            "",
+        ]
+    if r.rss:
+        mb = r.rss["peak_rss_bytes"] / 2**20
+        lines += [
+            "## Memory",
+            "",
+            f"Peak RSS of the worker draining a backlog of {int(r.rss['events']):,} events: "
+            f"**{mb:.0f} MiB** (target <= 150 MiB: {_check(mb <= 150)}), at "
+            f"{r.rss['events_per_second']:,.0f} events/s.",
+            "",
+        ]
+    if r.publish:
+        lines += ["## Publishing and direct backfill", "", publish.report(r.publish), ""]
+        if s and publish.DIRECT in r.publish:
+            direct = r.publish[publish.DIRECT].median
+            lines += [
+                f"`replay --direct` vs the worker end to end: {direct:,.0f} vs "
+                f"{s[e2e.WORKER].median:,.0f} events/s ({direct / s[e2e.WORKER].median:.2f}x).",
+                "",
+            ]
+    if r.sweep:
+        lines += ["## Throughput by batch size", "", "| batch size | events/s |", "|---|---|"]
+        lines += [f"| {size} | {rate:,.0f} |" for size, rate in sorted(r.sweep.items())]
+        lines.append("")
+    if plot_name:
+        lines += [f"![throughput by batch size, latency percentiles]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def plot(r: Results, path: Path) -> bool:
+    """Throughput by batch size, and the latency distribution; False if nothing to plot."""
+    if not r.sweep and not r.latency:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if r.sweep:
+        sizes = sorted(r.sweep)
+        axes[0].plot(sizes, [r.sweep[x] for x in sizes], marker="o")
+        axes[0].set_xscale("log")
+        axes[0].set_xlabel("batch size (events)")
+        axes[0].set_ylabel("events/s (drain)")
+        axes[0].set_title("Worker throughput by batch size")
+        axes[0].grid(True, alpha=0.3)
+    if r.latency:
+        ps = [50, 75, 90, 95, 99, 99.9]
+        values = [percentile(r.latency, p) * 1000 for p in ps]
+        axes[1].bar([f"p{p:g}" for p in ps], values)
+        axes[1].axhline(50, color="red", linestyle="--", label="target p99")
+        axes[1].set_ylabel("ms, occurred_at to commit")
+        axes[1].set_title(f"Latency at {r.latency_rate:,} events/s")
+        axes[1].legend()
+        axes[1].grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(r: Results, out: Path) -> Path:
+    """Write ``<date>-<host>.md``, ``.json`` and ``.png`` under ``out``; the markdown path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{socket.gethostname()}"
+    png = out / f"{stem}.png"
+    has_plot = plot(r, png)
+    md = out / f"{stem}.md"
+    md.write_text(markdown(r, png.name if has_plot else None))
+    raw: dict[str, Any] = {
+        "events": r.events,
+        "event_bytes": r.event_bytes,
+        "reps": r.reps,
+        "quick": r.quick,
+        "drain": {k: v.as_dict() for k, v in r.series.items()},
+        "ingest": {k: v.as_dict() for k, v in r.ingest.items()},
+        "publish": {k: v.as_dict() for k, v in r.publish.items()},
+        "latency": {
+            "rate": r.latency_rate,
+            "count": len(r.latency),
+            "p50": percentile(r.latency, 50),
+            "p90": percentile(r.latency, 90),
+            "p99": percentile(r.latency, 99),
+            "max": max(r.latency) if r.latency else None,
+            "mean": statistics.fmean(r.latency) if r.latency else None,
+        },
+        "rss": r.rss,
+        "batch_sweep": {str(k): v for k, v in r.sweep.items()},
+        "versions": _versions(),
+    }
+    (out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
+    return md
