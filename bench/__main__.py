@@ -22,7 +22,7 @@ from bench.data import make_events, make_templates, register_templates
 from bench.harness import scratch_database
 from bench.report import Results, write
 
-PARTS = ("drain", "ingest", "latency", "rss", "publish", "sweep")
+PARTS = ("drain", "ingest", "latency", "rss", "publish", "sweep", "variants")
 
 
 async def run(args: argparse.Namespace) -> Results:
@@ -53,6 +53,26 @@ async def run(args: argparse.Namespace) -> Results:
             sizes = (50, 500) if args.quick else (25, 100, 250, 500, 1000, 2000)
             sweep_events = bodies[: min(len(bodies), 30_000)]
             results.sweep = await e2e.batch_sweep(url, sweep_events, sizes)
+        if "variants" in parts:
+            print("worker variants: processes, pool size, batch wait", flush=True)
+            sample = bodies[: min(len(bodies), 30_000)]
+            configs: dict[str, tuple[dict[str, str], int]] = {
+                "1 process, pool 2 (default)": ({}, 1),
+                "1 process, pool 1": ({"PROMPTER_DB_POOL_SIZE": "1"}, 1),
+            }
+            if not args.quick:  # too few events in a quick run for two processes to share
+                configs["1 process, pool 4"] = ({"PROMPTER_DB_POOL_SIZE": "4"}, 1)
+                configs["2 processes, pool 2 each"] = ({}, 2)
+            results.variants = await e2e.variants(url, sample, configs)
+            docs = [orjson.loads(b) for b in bodies[:1000]]
+            for wait in (5, 20, 50) if not args.quick else (5,):
+                lat = await e2e.latency(
+                    url, docs, args.rate, args.seconds, {"PROMPTER_BATCH_WAIT_MS": str(wait)}
+                )
+                results.wait_latency[wait] = lat
+                print(
+                    f"  batch wait {wait} ms: p99 {sorted(lat)[int(len(lat) * 0.99)] * 1000:.1f} ms"
+                )
         if "rss" in parts:
             print(f"peak RSS on a backlog of {args.backlog:,}", flush=True)
             results.rss = await e2e.peak_rss(url, bodies, args.backlog)

@@ -18,11 +18,17 @@ import os
 import resource
 import sys
 import time
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
+import orjson
+from pamqp import commands as spec
+
+from bench.data import make_events, make_templates
 
 AMQP_URL = os.environ.get("PROMPTER_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -153,8 +159,50 @@ async def naive(queue_name: str, n: int, database_url: str) -> None:
     await pool.close()
 
 
+async def pace(exchange: str, rate: int, seconds: float) -> None:
+    """Publish at a steady ``rate``, each event stamped ``occurred_at`` = the moment it is
+    handed to the connection; report how far behind schedule the publisher ever fell."""
+    docs = [orjson.loads(b) for b in make_events(1000, make_templates())]
+    connection = await aiormq.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    props = spec.Basic.Properties(delivery_mode=2, content_type="application/json")
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    pending: set[asyncio.Future[Any]] = set()
+    worst = 0.0
+    for i in range(total):
+        due = start + i / rate
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+        else:
+            worst = max(worst, now - due)
+        doc = dict(docs[i % len(docs)])
+        doc["event_id"] = str(uuid.uuid4())
+        doc["occurred_at"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        publish = channel.basic_publish(
+            orjson.dumps(doc),
+            exchange=exchange,
+            routing_key="prompt_run.v1",
+            properties=props,
+            wait=False,
+        )
+        task = asyncio.ensure_future(publish)
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"events": total, "seconds": elapsed, "worst_lag_seconds": worst}), flush=True)
+    await connection.close()
+
+
 def main() -> None:
-    kind, queue, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    kind = sys.argv[1]
+    if kind == "pace":
+        asyncio.run(pace(sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+        return
+    queue, n = sys.argv[2], int(sys.argv[3])
     if kind == "bare":
         asyncio.run(bare(queue, n))
     elif kind == "naive":

@@ -209,29 +209,48 @@ async def worker_process(
 
 
 async def drain_with_worker(
-    names: Names, database_url: str, n: int, extra_env: dict[str, str] | None = None
+    names: Names,
+    database_url: str,
+    n: int,
+    extra_env: dict[str, str] | None = None,
+    *,
+    processes: int = 1,
 ) -> WorkerRun:
-    """Start the worker on a pre-filled queue; time from ready to the last row committed.
+    """Start ``processes`` workers on a pre-filled queue; time from all ready to the last
+    row committed. CPU is the sum over the processes, RSS the largest.
 
-    Rows already written when the worker reports ready are subtracted, so the rate covers
+    Rows already written when the workers report ready are subtracted, so the rate covers
     exactly the time measured.
     """
     conn = await asyncpg.connect(database_url)
     try:
-        async with worker_process(names, database_url, extra_env) as (proc, _):
+        async with contextlib.AsyncExitStack() as stack:
+            # Started together, so they become ready together.
+            entered = await asyncio.gather(
+                *(
+                    stack.enter_async_context(worker_process(names, database_url, extra_env))
+                    for _ in range(processes)
+                )
+            )
+            procs = [proc for proc, _ in entered]
             t0 = time.perf_counter()
-            cpu0 = proc_cpu_seconds(proc.pid)
+            cpu0 = sum(proc_cpu_seconds(p.pid) for p in procs)
             base = int(await conn.fetchval("SELECT count(*) FROM prompt_results"))
             while True:
                 rows = int(await conn.fetchval("SELECT count(*) FROM prompt_results"))
                 if rows >= n:
                     break
-                if proc.returncode is not None:
-                    raise RuntimeError("the worker exited during the run")
+                if any(p.returncode is not None for p in procs):
+                    raise RuntimeError("a worker exited during the run")
                 await asyncio.sleep(0.02)
             t1 = time.perf_counter()
-            cpu1 = proc_cpu_seconds(proc.pid)
-            rss = proc_peak_rss(proc.pid)
+            cpu1 = sum(proc_cpu_seconds(p.pid) for p in procs)
+            rss = max(proc_peak_rss(p.pid) for p in procs)
+        if n - base < n // 2:
+            raise RuntimeError(
+                f"{base} of {n} rows were written before the workers were ready: too few "
+                "events to measure (use more --events)"
+            )
         return WorkerRun(n - base, t1 - t0, cpu1 - cpu0, rss)
     finally:
         await conn.close()
@@ -310,6 +329,22 @@ async def batch_sweep(url: str, bodies: list[bytes], sizes: Sequence[int]) -> di
     return rates
 
 
+async def variants(
+    url: str, bodies: list[bytes], configs: dict[str, tuple[dict[str, str], int]]
+) -> dict[str, tuple[float, float]]:
+    """Worker drain rate and CPU per event under other settings or process counts:
+    name -> (environment, processes). One run each, same events."""
+    out = {}
+    for name, (env, processes) in configs.items():
+        await _truncate(url)
+        async with topology() as names:
+            await prefill(names, bodies)
+            w = await drain_with_worker(names, url, len(bodies), env, processes=processes)
+        out[name] = (w.events / w.seconds, w.cpu_seconds / w.events * 1e6)
+        print(f"  {name}: {out[name][0]:,.0f} events/s, {out[name][1]:.1f} us/event", flush=True)
+    return out
+
+
 NOTIFY_TRIGGER = """
     CREATE OR REPLACE FUNCTION bench_notify_commit() RETURNS trigger AS $$
     DECLARE
@@ -330,7 +365,13 @@ NOTIFY_TRIGGER = """
 """
 
 
-async def latency(url: str, docs: list[dict[str, Any]], rate: int, seconds: float) -> list[float]:
+async def latency(
+    url: str,
+    docs: list[dict[str, Any]],
+    rate: int,
+    seconds: float,
+    extra_env: dict[str, str] | None = None,
+) -> list[float]:
     """End-to-end latency at a steady publish rate: each event is published with
     ``occurred_at`` = now; a trigger (in the benchmark's database only) NOTIFYs each
     statement's ``created_at`` values, which PostgreSQL delivers at commit; latency is the
@@ -347,39 +388,30 @@ async def latency(url: str, docs: list[dict[str, Any]], rate: int, seconds: floa
     await conn.add_listener("bench_commit", on_notify)
     total = int(rate * seconds)
     try:
-        async with topology() as names, worker_process(names, url):
-            amqp_conn = await aiormq.connect(AMQP_URL)
-            channel = await amqp_conn.channel(publisher_confirms=True)
-            props = spec.Basic.Properties(delivery_mode=2, content_type="application/json")
-            tick = 0.01
-            per_tick = rate * tick
-            start = time.perf_counter()
-            sent = 0
-            pending: set[asyncio.Future[Any]] = set()
-            while sent < total:
-                due = int((time.perf_counter() - start) / tick * per_tick) + 1
-                while sent < min(due, total):
-                    doc = dict(docs[sent % len(docs)])
-                    doc["event_id"] = str(uuid.uuid4())
-                    doc["occurred_at"] = _now_iso()
-                    fut = asyncio.ensure_future(
-                        channel.basic_publish(
-                            orjson.dumps(doc),
-                            exchange=names.exchange,
-                            routing_key=broker.LIVE_ROUTING_KEY,
-                            properties=props,
-                        )
-                    )
-                    pending.add(fut)
-                    fut.add_done_callback(pending.discard)
-                    sent += 1
-                await asyncio.sleep(tick / 2)
-            if pending:
-                await asyncio.gather(*pending)
+        async with topology() as names, worker_process(names, url, extra_env):
+            # The publisher runs in a process of its own, so its CPU does not delay the
+            # notifications measured here.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.baselines",
+                "pace",
+                names.exchange,
+                str(rate),
+                str(seconds),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            paced = json.loads(out.decode().strip().splitlines()[-1])
+            if paced["worst_lag_seconds"] > 0.01:
+                print(
+                    f"  warning: the publisher fell {paced['worst_lag_seconds'] * 1000:.0f} ms"
+                    " behind schedule (the machine is busy); latencies include that",
+                    flush=True,
+                )
             deadline = time.monotonic() + 30
             while len(seen) < total and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a list filled by a callback
                 await asyncio.sleep(0.05)
-            await amqp_conn.close()
     finally:
         await conn.remove_listener("bench_commit", on_notify)
         await conn.execute("DROP TRIGGER bench_notify_commit ON prompt_results")

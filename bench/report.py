@@ -37,6 +37,8 @@ class Results:
     latency_rate: int = 0
     rss: dict[str, float] = field(default_factory=dict)
     sweep: dict[int, float] = field(default_factory=dict)
+    variants: dict[str, tuple[float, float]] = field(default_factory=dict)
+    wait_latency: dict[int, list[float]] = field(default_factory=dict)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -154,6 +156,26 @@ def markdown(r: Results, plot_name: str | None) -> str:
         lines += ["## Throughput by batch size", "", "| batch size | events/s |", "|---|---|"]
         lines += [f"| {size} | {rate:,.0f} |" for size, rate in sorted(r.sweep.items())]
         lines.append("")
+    if r.variants:
+        lines += [
+            "## Worker variants (draining the same events)",
+            "",
+            "| variant | events/s | worker CPU µs/event |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {v[0]:,.0f} | {v[1]:.1f} |" for k, v in r.variants.items()]
+        lines.append("")
+    if r.wait_latency:
+        lines += [
+            f"## Latency at {r.latency_rate or 2000:,} events/s by PROMPTER_BATCH_WAIT_MS",
+            "",
+            "| batch wait | p50 | p99 |",
+            "|---|---|---|",
+        ]
+        for w, lat in sorted(r.wait_latency.items()):
+            p50, p99 = percentile(lat, 50) * 1000, percentile(lat, 99) * 1000
+            lines.append(f"| {w} ms | {p50:.1f} ms | {p99:.1f} ms |")
+        lines.append("")
     if plot_name:
         lines += [f"![throughput by batch size, latency percentiles]({plot_name})", ""]
     return "\n".join(lines)
@@ -214,6 +236,13 @@ def write(r: Results, out: Path) -> Path:
         },
         "rss": r.rss,
         "batch_sweep": {str(k): v for k, v in r.sweep.items()},
+        "variants": {
+            k: {"events_per_second": v[0], "cpu_us_per_event": v[1]} for k, v in r.variants.items()
+        },
+        "latency_by_batch_wait_ms": {
+            str(w): {"p50": percentile(lat, 50), "p99": percentile(lat, 99)}
+            for w, lat in r.wait_latency.items()
+        },
         "versions": _versions(),
     }
     (out / f"{stem}.json").write_text(json.dumps(raw, indent=2))
