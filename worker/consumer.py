@@ -8,8 +8,8 @@
                             decode ─► Store.ingest (one transaction) ─► dead-letter rejects
                                                    │ (publisher confirms)
                                                    ▼
-                                  AckTracker: multiple-ack up to the highest tag below
-                                  which every delivery is committed or dead-lettered
+                                  Source: multiple-ack up to the highest tag below which
+                                  every delivery is committed or dead-lettered
 
 Invariants this module keeps (each has a test): a delivery is acked only after its rows
 committed or its dead-letter copy was confirmed; transient faults keep the batch unacked
