@@ -107,7 +107,8 @@ def prepare(event: EventInput, *, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTE
 
     Dict values may be ``str``, numbers, ``bool``, ``None``, lists, dicts, and also
     ``uuid.UUID`` and timezone-aware ``datetime`` (written as RFC 3339); a naive datetime is
-    refused, since the contract needs an offset. Bytes are sent exactly as given.
+    refused, since the contract needs an offset. orjson writes a float NaN or infinity as
+    ``null``: send bytes to control that. Bytes are sent exactly as given.
     """
     if isinstance(event, (bytes, bytearray, memoryview)):
         body = bytes(event)
