@@ -23,17 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aiormq
 import aiormq.exceptions
-from pamqp import commands as spec
 
 from worker import __version__
 from worker.config import Settings, mask_url
-from worker.errors import BrokerUnavailable, ConfigError, PublishError, UnroutableError
+from worker.errors import BrokerUnavailable, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +42,10 @@ REPLAY_BINDING: Final = "prompt_run.*.replay"
 DEFAULT_HEARTBEAT_SECONDS: Final = 15
 CONNECT_TIMEOUT_SECONDS: Final = 10
 
-# RabbitMQ 3.10 introduced at-least-once dead-lettering for quorum queues.
+# RabbitMQ 3.10 introduced at-least-once dead-lettering for quorum queues; 4.0 gave every
+# quorum queue a default delivery limit of 20.
 AT_LEAST_ONCE_SINCE: Final = (3, 10)
+DEFAULT_DELIVERY_LIMIT_SINCE: Final = (4, 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,8 +147,13 @@ async def declare(
     *,
     passive: bool = False,
     at_least_once: bool = True,
+    unlimited_dead_letters: bool = False,
 ) -> None:
     """Declare (or, passively, check) the whole topology. Idempotent.
+
+    ``unlimited_dead_letters`` lifts the dead-letter queue's delivery limit (RabbitMQ 4
+    would otherwise drop a dead letter that was looked at, and returned, 20 times: it has
+    nowhere further to dead-letter to).
 
     A queue that exists with other arguments is a :class:`ConfigError` naming it: the broker
     refuses to change a queue's arguments, and guessing would hide a misconfiguration.
@@ -168,11 +173,14 @@ async def declare(
             )
             if not passive:
                 await channel.queue_bind(queue, t.exchange, routing_key=binding)
+        dead_args: dict[str, Any] = {"x-queue-type": "quorum"}
+        if unlimited_dead_letters:
+            dead_args["x-delivery-limit"] = -1
         await channel.queue_declare(
             t.dead_letter_queue,
             durable=True,
             passive=passive,
-            arguments=None if passive else {"x-queue-type": "quorum"},
+            arguments=None if passive else dead_args,
         )
         if not passive:
             await channel.queue_bind(t.dead_letter_queue, t.dead_letter_exchange, routing_key="#")
@@ -198,81 +206,14 @@ async def open_topology(
     """Declare on a short-lived channel (a failed declaration closes its channel)."""
     channel = await connection.channel()
     try:
+        version = broker_version(connection)
         await declare(
             channel,
             topology,
             passive=passive,
-            at_least_once=broker_version(connection) >= AT_LEAST_ONCE_SINCE,
+            at_least_once=version >= AT_LEAST_ONCE_SINCE,
+            unlimited_dead_letters=version >= DEFAULT_DELIVERY_LIMIT_SINCE,
         )
     finally:
         if not channel.is_closed:
             await channel.close()
-
-
-def properties(
-    *,
-    message_id: str | None,
-    headers: Mapping[str, Any] | None = None,
-    content_type: str | None = "application/json",
-    persistent: bool = True,
-    **extra: Any,
-) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
-        content_type=content_type,
-        delivery_mode=2 if persistent else 1,
-        message_id=message_id,
-        headers=dict(headers) if headers else None,
-        **extra,
-    )
-
-
-async def publish(
-    channel: aiormq.abc.AbstractChannel,
-    body: bytes,
-    *,
-    exchange: str,
-    routing_key: str,
-    props: spec.Basic.Properties,
-    mandatory: bool = True,
-    confirm_timeout: float | None = 30,
-) -> None:
-    """Publish one message and wait for the broker's confirm.
-
-    Raises :class:`UnroutableError` when a mandatory message is returned (no queue bound),
-    :class:`PublishError` when nacked, :class:`BrokerUnavailable` when the channel is gone.
-    The channel must have been opened with ``publisher_confirms=True`` and
-    ``on_return_raises=True``.
-    """
-    try:
-        confirmation = await channel.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=props,
-            mandatory=mandatory,
-            timeout=confirm_timeout,
-        )
-    except aiormq.exceptions.PublishError as exc:
-        raise UnroutableError(
-            f"message {props.message_id} was returned by the broker: nothing is bound to "
-            f"exchange {exchange!r} with routing key {routing_key!r}"
-        ) from exc
-    except aiormq.exceptions.ChannelNotFoundEntity as exc:
-        raise UnroutableError(f"exchange {exchange!r} does not exist: {exc}") from exc
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-        raise BrokerUnavailable(f"publish failed: {type(exc).__name__}: {exc}") from exc
-    except TimeoutError as exc:
-        raise PublishError(
-            f"no confirm for message {props.message_id} within {confirm_timeout}s"
-        ) from exc
-    if isinstance(confirmation, spec.Basic.Nack):
-        raise PublishError(f"the broker nacked message {props.message_id}")
-
-
-async def queue_depth(channel: aiormq.abc.AbstractChannel, queue: str) -> tuple[int, int] | None:
-    """(messages ready, consumers) of a queue, or None if it does not exist."""
-    try:
-        ok = await channel.queue_declare(queue, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return None
-    return int(ok.message_count or 0), int(ok.consumer_count or 0)

@@ -55,6 +55,7 @@ from worker.errors import (
 )
 from worker.events import Event
 from worker.metrics import Health, Metrics, MetricsServer
+from worker.publisher import publish_confirmed
 from worker.store import Store
 
 log = logging.getLogger(__name__)
@@ -540,13 +541,12 @@ class Worker:
             }
         )
         copy = _copy_properties(props, headers)
-        await broker.publish(
+        await publish_confirmed(
             current.publisher,
             delivery.body,
             exchange=self.topology.dead_letter_exchange,
             routing_key=delivery.routing_key or broker.LIVE_ROUTING_KEY,
             props=copy,
-            mandatory=True,
         )
         log.warning(
             "event rejected: %s",
@@ -596,7 +596,7 @@ def run(settings: Settings) -> int:
     """Run a worker to completion in a fresh event loop (uvloop where installed: about a
     sixth less CPU per message, bench/README.md); the process exit code."""
     try:
-        import uvloop
+        import uvloop  # noqa: PLC0415 - optional: absent on Windows
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         return asyncio.run(Worker(settings).run())
     return uvloop.run(Worker(settings).run())
