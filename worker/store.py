@@ -533,6 +533,7 @@ class Store:
         for i in todo:
             outcomes[i] = Outcome.STORED if events[i].event_id in inserted else Outcome.DUPLICATE
 
+
 class _Overlay(dict[VersionKey, str]):
     """The cache seen through the ids learned in an uncommitted transaction."""
 
