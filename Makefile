@@ -18,6 +18,7 @@ install: $(STAMP)
 
 run: $(STAMP)  ## the main job on local servers (DATABASE_URL, AMQP_URL; default localhost)
 	$(BIN)/prompter-worker migrate --create-database
+	$(BIN)/prompter-worker demo --events 300
 	$(BIN)/prompter-worker run
 
 test: $(STAMP)

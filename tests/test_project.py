@@ -145,3 +145,26 @@ def test_compose_worker_runs_after_migrate_and_scales() -> None:
     assert grace > 30
     for key in ("DATABASE_URL", "AMQP_URL", "PROMPTER_METRICS_PORT"):
         assert key in worker["environment"]
+
+
+def test_compose_demo_sends_events_once_the_worker_is_ready() -> None:
+    """`docker compose up` ends with a one-shot demo publishing sample events, after the
+    worker is healthy, so the main command shows data flowing end to end."""
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    demo = services["demo"]
+    assert demo["command"][0] == "demo"
+    assert demo["depends_on"]["worker"]["condition"] == "service_healthy"
+    assert demo["restart"] == "no"
+
+
+def test_make_run_migrates_sends_demo_events_and_runs_the_worker() -> None:
+    """The local main command: create and migrate the database, queue demo events, run."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    steps = [line.strip() for line in recipe.splitlines()[1:]]
+    assert steps == [
+        "$(BIN)/prompter-worker migrate --create-database",
+        "$(BIN)/prompter-worker demo --events 300",
+        "$(BIN)/prompter-worker run",
+    ]
