@@ -488,3 +488,27 @@ async def test_old_events_leave_the_version_row_untouched(
     assert await conn.fetchval("SELECT xmin::text FROM prompt_versions") != before
     v = await conn.fetchrow("SELECT * FROM prompt_versions")
     assert (v["first_seen_at"], v["last_seen_at"]) == (at(1), at(101))
+
+
+async def test_works_without_a_prepared_statement_cache(
+    database: str, conn: asyncpg.Connection
+) -> None:
+    """PROMPTER_STATEMENT_CACHE_SIZE=0 (PgBouncer in transaction mode): every path of
+    ingestion still works, fast and safe statements, repeats and rejections alike."""
+    t = await make_tenant(conn)
+    pool = await store_module.create_pool(database, statement_cache_size=0)
+    try:
+        s = Store(pool)
+        first = [event(t) for _ in range(20)]
+        assert (await s.ingest(first)).stored == 20
+        again = await s.ingest(
+            [*first[:5], event(t), event(Tenant(t.org_id, t.workspace_id, str(uuid.uuid4())))]
+        )
+        assert [o if isinstance(o, Outcome) else o.reason for o in again.outcomes] == [
+            *[Outcome.DUPLICATE] * 5,
+            Outcome.STORED,
+            "unknown_template",
+        ]
+    finally:
+        await pool.close()
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 21
