@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import aiormq
 import aiormq.exceptions
+from pamqp import commands as spec
 
 from worker import __version__
 from worker.config import Settings, mask_url
@@ -217,3 +218,24 @@ async def open_topology(
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+def republished_properties(
+    props: spec.Basic.Properties, headers: dict[str, Any]
+) -> spec.Basic.Properties:
+    """A message's own properties with new ``headers``, for publishing it again (to the
+    dead-letter exchange, or back after a fix): persistent, no expiry (a dead letter must
+    not expire), no user id (the broker checks it against the publishing user)."""
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )

@@ -29,9 +29,7 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -40,7 +38,6 @@ import aiormq
 import aiormq.abc
 import aiormq.exceptions
 import asyncpg
-from pamqp import commands as spec
 
 from worker import __version__, amqp, broker, events, store
 from worker.batching import Dispatcher, Held, Source
@@ -56,6 +53,7 @@ from worker.errors import (
 from worker.events import Event
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.publisher import publish_confirmed
+from worker.signals import handle_signals
 from worker.store import Store
 
 log = logging.getLogger(__name__)
@@ -129,8 +127,7 @@ class Worker:
                 self.settings.metrics_host,
                 self.metrics_server.port,
             )
-        loop = asyncio.get_running_loop()
-        with _signal_handlers(loop, self._on_signal):
+        with handle_signals(self._on_signal):
             try:
                 return await self._run()
             finally:
@@ -540,7 +537,7 @@ class Worker:
                 "x-original-routing-key": delivery.routing_key,
             }
         )
-        copy = _copy_properties(props, headers)
+        copy = broker.republished_properties(props, headers)
         await publish_confirmed(
             current.publisher,
             delivery.body,
@@ -602,26 +599,6 @@ def run(settings: Settings) -> int:
     return uvloop.run(Worker(settings).run())
 
 
-def _copy_properties(
-    props: spec.Basic.Properties, headers: dict[str, Any]
-) -> spec.Basic.Properties:
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=headers,
-        delivery_mode=2,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        expiration=None,  # a dead letter must not expire
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        message_type=props.message_type,
-        user_id=None,  # the broker checks user_id against the publishing user
-        app_id=props.app_id,
-    )
-
-
 async def _settled(future: asyncio.Future[None]) -> None:
     """Wait for a future to finish, however it finishes."""
     with contextlib.suppress(BaseException):
@@ -642,22 +619,3 @@ def _backoff(attempt: int, cap: float) -> float:
     """Exponential backoff with jitter: ~0.1, 0.2, 0.4 ... seconds, capped, times 0.5-1."""
     delay: float = min(cap, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt, 30))
     return delay * random.uniform(0.5, 1.0)
-
-
-@contextlib.contextmanager
-def _signal_handlers(
-    loop: asyncio.AbstractEventLoop, handler: Callable[[int], None]
-) -> Iterator[None]:
-    """Install SIGTERM and SIGINT handlers for the duration; restore the old ones after."""
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, handler, int(sig))
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            continue
-        installed.append(sig)
-    try:
-        yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)

@@ -152,19 +152,7 @@ def redriven_properties(props: spec.Basic.Properties) -> spec.Basic.Properties:
     headers = {k: v for k, v in (props.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
     previous = headers.get(REDRIVE_COUNT)
     headers[REDRIVE_COUNT] = (previous if isinstance(previous, int) else 0) + 1
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=headers,
-        delivery_mode=2,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        message_type=props.message_type,
-        app_id=props.app_id,
-    )
+    return broker.republished_properties(props, headers)
 
 
 # --- connecting -----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import functools
 import random
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -54,6 +53,7 @@ from worker.errors import (
 from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
 from worker.reports import FileReport, Invalid, Rejects, Report
+from worker.signals import handle_signals
 from worker.store import Outcome, Store, create_pool
 
 CHECKPOINT_EVERY_SECONDS: Final = 1.0
@@ -167,19 +167,8 @@ class Stop:
 def stop_on_signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM call ``stop.request()`` for the duration; the previous handlers
     come back afterwards."""
-    loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.request)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            continue
-        installed.append(sig)
-    try:
+    with handle_signals(lambda _signum: stop.request()):
         yield
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 @dataclass(kw_only=True)

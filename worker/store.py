@@ -238,6 +238,15 @@ _UNAVAILABLE_STATES: Final = frozenset(
 )
 _CONFLICT_STATES: Final = frozenset({"40001", "40P01", "55P03", "57014", "55006"})
 _DATA_CLASSES: Final = frozenset({"22", "23", "54"})
+# Failures of the connection itself rather than of a statement.
+_INFRASTRUCTURE: Final = (
+    OSError,
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -269,17 +278,7 @@ def classify(exc: BaseException) -> TransientError:
         if state in _CONFLICT_STATES or state.startswith("40"):
             return DatabaseConflict(f"[{state}] {message}")
         return DatabaseError(f"[{state}] {message}")
-    if isinstance(
-        exc,
-        (
-            OSError,
-            ConnectionError,
-            TimeoutError,
-            asyncio.TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-        ),
-    ):
+    if isinstance(exc, _INFRASTRUCTURE):
         return DatabaseUnavailable(message)
     return DatabaseError(message)
 
@@ -551,17 +550,7 @@ class _Overlay(dict[VersionKey, str]):
 
 
 def _is_infrastructure(exc: BaseException) -> bool:
-    return isinstance(
-        exc,
-        (
-            OSError,
-            ConnectionError,
-            TimeoutError,
-            asyncio.TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-        ),
-    )
+    return isinstance(exc, _INFRASTRUCTURE)
 
 
 def _rejection_for(exc: asyncpg.PostgresError) -> Rejection:
