@@ -129,3 +129,38 @@ async def test_drop_forgets_a_closed_channel_and_draining_ends() -> None:
     assert [(h[0].queue, h[1].delivery_tag) for h in batch or []] == [("r", 1)]
     d.done(batch or [])
     assert await asyncio.wait_for(d.next_batch(), 1) is None
+
+
+def test_tags_stranded_behind_a_gap_are_acked_singly_and_skipped_later() -> None:
+    """Completed tags above a gap held open (by a suspect) can be acked one by one; when
+    the gap fills, the watermark moves over them and the multiple-ack names only a tag
+    that is still outstanding."""
+    s = Source(None, 1, "q", replay=False)
+    s.received = 5
+    assert s.complete([2, 3]) is None
+    assert s.strand() == [2, 3]
+    assert s.held == 3  # 1, 4 and 5
+    assert s.complete([1]) == 1  # 2 and 3 were acked already
+    assert s.acked == 3
+    assert s.complete([5]) is None
+    assert s.strand() == [5]
+    assert s.complete([4]) == 4
+    assert (s.acked, s.held) == (5, 0)
+
+
+async def test_suspects_go_back_to_back_once_their_turn_comes() -> None:
+    """After a clean batch, every pending suspect goes, one at a time, before the next
+    clean batch: nothing else exposes a crasher's neighbours to one more crash."""
+    d = Dispatcher(batch_size=10, batch_wait=0)
+    s = Source(None, 1, "q", replay=False)
+    now = asyncio.get_running_loop().time()
+    d.add(s, delivery(1), now)
+    for tag in (2, 3, 4):
+        d.add(s, delivery(tag, count=2), now)
+    order = []
+    for tag in (5, 6, 7, 8):
+        batch = await asyncio.wait_for(d.next_batch(), 1)
+        order.append([h[1].delivery_tag for h in batch or []])
+        d.add(s, delivery(tag), now)  # clean traffic keeps arriving
+        d.done(batch or [])
+    assert order == [[1], [4], [3], [2]]

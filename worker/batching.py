@@ -28,13 +28,18 @@ from typing import Final
 from worker.amqp import ConsumerProtocol, Delivery
 
 SUSPECT_AFTER: Final = 2  # x-delivery-count from which a delivery is processed alone
+# Suspects are picked once none arrived for this long: the whole redelivered window is then
+# at hand, so the alternating order really covers all of it.
+SUSPECT_SETTLE_SECONDS: Final = 0.05
 
 
 class Source:
     """One consuming channel: its queue, and the acknowledgements owed on it.
 
     Delivery tags on a channel count up from 1. ``acked`` is the watermark: every tag up to
-    it has been acknowledged (multiple-ack). Completed tags above a gap wait in ``done``.
+    it has been acknowledged (multiple-ack). Completed tags above a gap wait in ``done``,
+    unless :meth:`strand` acks them one by one (``singly``): a suspect can hold a gap open
+    across crashes, and what waits behind it must not be redelivered with it.
     """
 
     def __init__(
@@ -48,24 +53,38 @@ class Source:
         self.acked = 0
         self.received = 0
         self.done: set[int] = set()
+        self.singly: set[int] = set()
         self.consumer_tag: str | None = None
 
     def complete(self, tags: Sequence[int]) -> int | None:
-        """Mark tags committed; return the new watermark if it moved."""
+        """Mark tags committed; move the watermark over them. Returns the tag to ack with
+        ``multiple`` (the highest newly covered tag not already acked singly), or None."""
         self.done.update(tags)
         mark = self.acked
-        done = self.done
-        while mark + 1 in done:
+        done, singly = self.done, self.singly
+        last = None
+        while True:
+            if mark + 1 in done:
+                done.discard(mark + 1)
+                last = mark + 1
+            elif mark + 1 in singly:
+                singly.discard(mark + 1)
+            else:
+                break
             mark += 1
-            done.discard(mark)
-        if mark == self.acked:
-            return None
         self.acked = mark
-        return mark
+        return last
+
+    def strand(self) -> list[int]:
+        """The completed tags waiting above a gap, now to be acked one by one."""
+        tags = sorted(self.done)
+        self.singly.update(tags)
+        self.done.clear()
+        return tags
 
     @property
     def held(self) -> int:
-        return self.received - self.acked
+        return self.received - self.acked - len(self.singly)
 
 
 # A delivery in the buffers: (source, delivery, arrival time on the loop clock).
@@ -87,6 +106,7 @@ class Dispatcher:
         self.closed = False
         self._suspect_turn = False
         self._seq = 0
+        self._last_suspect = 0.0
         self._arrived = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -96,6 +116,7 @@ class Dispatcher:
         item = (source, delivery, now)
         if delivery.delivery_count >= SUSPECT_AFTER:
             self._seq += 1
+            self._last_suspect = now
             self.suspects.append((delivery.delivery_count, self._seq, item))
             self._arrived.set()
             return
@@ -149,16 +170,21 @@ class Dispatcher:
                     return None
                 n = len(self.live) + len(self.replay)
                 timeout: float | None = None
-                if (
-                    self.suspects
-                    and self.inflight == 0
-                    and (n == 0 or self._suspect_turn or self.draining)
-                ):
-                    self.inflight += 1
-                    self.exclusive = True
-                    self._suspect_turn = False
-                    return [self._pick_suspect()]
-                if n and not self.exclusive:
+                # Once their turn comes, suspects go one after another until none is left:
+                # a crasher's neighbours must all be handled before anything else can
+                # expose them to one more crash (and the delivery limit).
+                suspects_turn = bool(self.suspects) and (
+                    n == 0 or self._suspect_turn or self.draining
+                )
+                settle = self._last_suspect + SUSPECT_SETTLE_SECONDS - loop.time()
+                if suspects_turn and self.inflight == 0:
+                    if settle <= 0 or self.draining:
+                        self.inflight += 1
+                        self.exclusive = True
+                        self._suspect_turn = len(self.suspects) > 1
+                        return [self._pick_suspect()]
+                    timeout = settle
+                if n and not self.exclusive and not suspects_turn:
                     oldest = min(q[0][2] for q in (self.live, self.replay) if q)
                     due = oldest + self.batch_wait
                     now = loop.time()
@@ -169,7 +195,7 @@ class Dispatcher:
                         self.inflight += 1
                         self._suspect_turn = bool(self.suspects)
                         return self._take()
-                    timeout = due - now
+                    timeout = due - now if timeout is None else min(timeout, due - now)
                 elif self.draining and n == 0 and not self.suspects:
                     return None
                 self._arrived.clear()

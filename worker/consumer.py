@@ -565,10 +565,14 @@ class Worker:
             if not source.open or source.protocol is None:
                 continue  # that channel is gone: never ack on another one
             mark = source.complete(tags)
-            if mark is None:
-                continue
+            # A suspect holds the watermark back, maybe across crashes: ack what completed
+            # behind it one by one, or a crasher takes it to the delivery limit with itself.
+            behind = source.strand() if source.done and self.dispatcher.suspects else []
             try:
-                source.protocol.ack(source.channel, mark, multiple=True)
+                if mark is not None:
+                    source.protocol.ack(source.channel, mark, multiple=True)
+                for tag in behind:
+                    source.protocol.ack(source.channel, tag, multiple=False)
             except amqp.AMQPError:
                 source.open = False  # redelivered by the broker; idempotent ingestion
 
