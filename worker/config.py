@@ -10,12 +10,13 @@ No I/O here beyond ``os.environ`` and the ``*_FILE`` secret files it names.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from worker.errors import ConfigError
 
@@ -82,6 +83,11 @@ def _name(raw: str) -> str:
     return value
 
 
+#: libpq's sslmode values, weakest first. Only verify-full authenticates the server.
+SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SSL_FILES: Final = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+
+
 def _database_url(raw: str) -> str:
     value = raw.strip()
     parts = urllib.parse.urlsplit(value)
@@ -89,7 +95,73 @@ def _database_url(raw: str) -> str:
         raise ValueError(
             f"must be a postgresql:// URL, got scheme {parts.scheme!r} in {mask_url(value)}"
         )
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    mode = query.get("sslmode")
+    if mode is not None and mode not in SSL_MODES:
+        raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}, got {mode!r}")
+    for name in _SSL_FILES:
+        path = query.get(name)
+        if path is not None and not os.path.isfile(os.path.expanduser(path)):
+            raise ValueError(f"{name} {path!r} is not a readable file")
     return value
+
+
+def _hosts(netloc: str, query: Mapping[str, str]) -> list[str]:
+    """The host names of a libpq URL (several, comma-separated, are allowed)."""
+    hosts = []
+    for part in netloc.rpartition("@")[2].split(","):
+        host = part.rsplit(":", 1)[0] if part.count(":") == 1 or "]" in part else part
+        hosts.append(host.strip("[]"))
+    if "host" in query:
+        hosts = query["host"].split(",")
+    return [h for h in hosts if h]
+
+
+def _is_local(host: str) -> bool:
+    """A Unix socket directory, or a loopback address: nothing on the wire to protect."""
+    if host.startswith("/") or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_warnings(database_url: str, amqp_url: str, environ: Mapping[str, str]) -> list[str]:
+    """Why the connections to a remote server would not be encrypted or authenticated.
+
+    PostgreSQL: anything but ``sslmode=verify-full`` toward a host that is not local
+    (asyncpg, like libpq, defaults to ``prefer``: encryption without checking who answers,
+    and plain text if the server offers nothing better). RabbitMQ: ``amqp://`` toward a host
+    that is not local. (``amqps://`` with ``no_verify_ssl`` is warned about by the broker
+    module when it connects.) The messages name hosts, never credentials.
+    """
+    out = []
+    parts = urllib.parse.urlsplit(database_url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    remote = [h for h in _hosts(parts.netloc, query) if not _is_local(h)]
+    mode = query.get("sslmode") or environ.get("PGSSLMODE") or "prefer"
+    if remote and mode != "verify-full":
+        issuer_only = mode == "verify-ca" or (mode == "require" and "sslrootcert" in query)
+        if issuer_only:
+            why = "checks the certificate's issuer, not that it names the host"
+        elif mode == "require":
+            why = "encrypts, but does not check who answers"
+        else:
+            why = "may send the password and every event in plain text, to anyone"
+        out.append(
+            f"DATABASE_URL: sslmode={mode} toward {', '.join(remote)} {why}; "
+            "set sslmode=verify-full and sslrootcert=<CA file> (see docs/security.md)"
+        )
+    for url in amqp_url.split(","):
+        amqp = urllib.parse.urlsplit(url)
+        host = amqp.hostname or ""
+        if amqp.scheme == "amqp" and host and not _is_local(host):
+            out.append(
+                f"AMQP_URL: amqp:// toward {host} sends the password and every event in plain "
+                "text; use amqps:// (see docs/security.md)"
+            )
+    return out
 
 
 def _amqp_url(raw: str) -> str:
@@ -265,6 +337,8 @@ class Settings:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
         settings = cls(**values)
         settings.check()
+        for warning in tls_warnings(settings.database_url, settings.amqp_url, env):
+            log.warning(warning)
         return settings
 
     def check(self) -> None:

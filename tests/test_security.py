@@ -1,0 +1,255 @@
+"""Security: the least-privilege runtime role, TLS settings, secrets, the dependency audit.
+
+(The end-to-end checks that need a broker user of their own, TLS servers or a broker to
+refuse things live in tests/faults/test_security_e2e.py, on the fault suite's private
+servers.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import with_user
+from tests.factories import event, make_tenant
+from worker.config import Settings, tls_warnings
+from worker.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ("prompt_templates", "prompt_versions", "prompt_results")
+PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+GRANTED = {
+    "prompt_templates": {"SELECT"},
+    "prompt_versions": {"SELECT", "INSERT", "UPDATE"},
+    "prompt_results": {"SELECT", "INSERT"},
+}
+
+
+# --- the runtime role ---------------------------------------------------------------------
+
+
+async def test_runtime_role_has_only_what_ingestion_needs(
+    conn: asyncpg.Connection, runtime_role: tuple[str, str]
+) -> None:
+    """sql/runtime_role.sql makes a login role that is no superuser, creates no role or
+    database, replicates nothing, bypasses no row security, belongs to no role, owns
+    nothing, may not create in the schema or the database, and holds exactly SELECT on
+    templates, SELECT/INSERT/UPDATE on versions and SELECT/INSERT on results."""
+    role = runtime_role[0]
+    attrs = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
+    assert attrs["rolcanlogin"]
+    for flag in ("rolsuper", "rolcreaterole", "rolcreatedb", "rolreplication", "rolbypassrls"):
+        assert attrs[flag] is False, flag
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member"
+        " WHERE r.rolname = $1",
+        role,
+    )
+    assert not await conn.fetchval(
+        "SELECT count(*) FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner"
+        " WHERE r.rolname = $1",
+        role,
+    )
+    assert await conn.fetchval("SELECT has_schema_privilege($1, 'public', 'USAGE')", role)
+    assert not await conn.fetchval("SELECT has_schema_privilege($1, 'public', 'CREATE')", role)
+    assert not await conn.fetchval(
+        "SELECT has_database_privilege($1, current_database(), 'CREATE')", role
+    )
+    for table in TABLES:
+        held = {
+            p
+            for p in PRIVILEGES
+            if await conn.fetchval("SELECT has_table_privilege($1, $2, $3)", role, table, p)
+        }
+        assert held == GRANTED[table], table
+
+
+async def test_runtime_role_ingests_and_is_refused_everything_else(
+    conn: asyncpg.Connection, database: str, runtime_role: tuple[str, str]
+) -> None:
+    """Logged in as the runtime role, the store ingests a batch; DELETE, TRUNCATE, DDL and
+    writing templates are refused by PostgreSQL."""
+    from worker.store import Store, create_pool
+
+    t = await make_tenant(conn)
+    url = with_user(database, *runtime_role)
+    pool = await create_pool(url, max_size=1)
+    try:
+        result = await Store(pool).ingest([event(t), event(t)])
+        assert result.stored == 2
+        async with pool.acquire() as worker_conn:
+            for sql in (
+                "DELETE FROM prompt_results",
+                "TRUNCATE prompt_versions",
+                "UPDATE prompt_results SET system_fingerprint = 'x'",
+                "CREATE TABLE sneaky (id int)",
+                "ALTER TABLE prompt_results ADD COLUMN sneaky int",
+                "DROP TABLE prompt_results",
+                f"INSERT INTO prompt_templates (id) VALUES ('{uuid.uuid4()}')",
+                "CREATE SCHEMA sneaky",
+            ):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await worker_conn.execute(sql)
+    finally:
+        await pool.close()
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 2
+
+
+def test_runtime_role_script_is_idempotent_and_resets_extra_rights(
+    database: str, runtime_role: tuple[str, str]
+) -> None:
+    """Re-running the script (after a migration, say) keeps the role working and takes
+    back any right granted by hand since."""
+    import asyncio
+
+    from tests.conftest import apply_runtime_role
+
+    role = runtime_role[0]
+
+    async def grant_and_check(after: bool) -> bool:
+        c = await asyncpg.connect(database)
+        try:
+            if not after:
+                await c.execute(f'GRANT DELETE ON prompt_results TO "{role}"')
+            return bool(
+                await c.fetchval("SELECT has_table_privilege($1, 'prompt_results', 'DELETE')", role)
+            )
+        finally:
+            await c.close()
+
+    assert asyncio.run(grant_and_check(after=False))
+    apply_runtime_role(database, role)
+    assert not asyncio.run(grant_and_check(after=True))
+
+
+# --- TLS settings -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database_url", "amqp_url", "expected"),
+    [
+        ("postgresql://w:s3cr3tpw@127.0.0.1/p", "amqp://w:s3cr3tpw@localhost/", []),
+        ("postgresql://w:s3cr3tpw@[::1]:5432/p", "amqp://w:s3cr3tpw@127.0.0.2/", []),
+        ("postgresql:///p?host=/var/run/postgresql", "amqps://w:s3cr3tpw@mq.internal/", []),
+        (
+            "postgresql://w:s3cr3tpw@db.internal/p?sslmode=verify-full&sslrootcert=/etc/hostname",
+            "amqps://w:s3cr3tpw@mq.internal/?cafile=/etc/hostname",
+            [],
+        ),
+        (
+            "postgresql://w:s3cr3tpw@db.internal/p",
+            "amqps://w:s3cr3tpw@mq.internal/",
+            ["sslmode=prefer"],
+        ),
+        (
+            "postgresql://w:s3cr3tpw@db.internal/p?sslmode=disable",
+            "amqps://mq/",
+            ["sslmode=disable"],
+        ),
+        (
+            "postgresql://w:s3cr3tpw@db.internal/p?sslmode=require",
+            "amqps://mq/",
+            ["does not check"],
+        ),
+        ("postgresql://w:s3cr3tpw@db.internal/p?sslmode=verify-ca", "amqps://mq/", ["not that it"]),
+        (
+            "postgresql://w:s3cr3tpw@a,db.internal:5433/p?sslmode=allow",
+            "amqps://mq/",
+            ["db.internal"],
+        ),
+        (
+            "postgresql://w:s3cr3tpw@127.0.0.1/p",
+            "amqp://w:s3cr3tpw@mq.internal/",
+            ["amqp:// toward"],
+        ),
+    ],
+)
+def test_connections_that_do_not_verify_the_server_are_warned_about(
+    database_url: str, amqp_url: str, expected: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anything but sslmode=verify-full toward a PostgreSQL host that is not local, and
+    amqp:// toward a broker that is not local, is warned about at start (naming the host,
+    never the password); local sockets and loopback addresses are not."""
+    with caplog.at_level(logging.WARNING, logger="worker.config"):
+        Settings.from_env({"DATABASE_URL": database_url, "AMQP_URL": amqp_url})
+    warnings = [r.getMessage() for r in caplog.records if r.name == "worker.config"]
+    assert len(warnings) == len(expected), warnings
+    for warning, fragment in zip(warnings, expected, strict=True):
+        assert fragment in warning
+        assert "s3cr3tpw" not in warning
+
+
+def test_pgsslmode_from_the_environment_counts() -> None:
+    """PGSSLMODE (which asyncpg reads when the URL has no sslmode) is taken into account."""
+    url = "postgresql://w@db.internal/p"
+    assert tls_warnings(url, "amqps://mq/", {"PGSSLMODE": "verify-full"}) == []
+    assert tls_warnings(url, "amqps://mq/", {"PGSSLMODE": "require"}) != []
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("sslmode=verify-everything", "sslmode must be one of"),
+        ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem", "sslrootcert '/nonexistent"),
+        ("sslcert=/nonexistent/client.pem", "sslcert '/nonexistent"),
+    ],
+)
+def test_tls_settings_that_cannot_work_are_refused(query: str, message: str) -> None:
+    """An unknown sslmode or a certificate file that is not there stops the command at
+    start, naming the setting (rather than failing at the first connection)."""
+    with pytest.raises(ConfigError, match="DATABASE_URL") as info:
+        Settings.from_env({"DATABASE_URL": f"postgresql://w:secretpw@db.internal/p?{query}"})
+    assert message in str(info.value)
+    assert "secretpw" not in str(info.value)
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+def test_secrets_from_files_never_reach_errors_or_help(tmp_path: Path) -> None:
+    """DATABASE_URL_FILE / AMQP_URL_FILE: the values are read from the files; a command
+    that fails on them (an unreachable server, an invalid setting) says why without ever
+    printing the passwords, and neither does --help."""
+    db_password, mq_password = f"db-{uuid.uuid4().hex}", f"mq-{uuid.uuid4().hex}"
+    (tmp_path / "db").write_text(f"postgresql://w:{db_password}@127.0.0.1:1/prompter\n")
+    (tmp_path / "mq").write_text(f"amqp://w:{mq_password}@127.0.0.1:1/\n")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL_FILE": str(tmp_path / "db"),
+        "AMQP_URL_FILE": str(tmp_path / "mq"),
+        "PROMPTER_LOG_FORMAT": "json",
+    }
+    runs = [
+        ["status"],
+        ["status", "--json"],
+        ["templates", "list"],
+        ["run", "--help"],
+        ["run", "--batch-size", "lots"],
+    ]
+    outputs = []
+    for args in runs:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        outputs.append((args, out.returncode, out.stdout + out.stderr))
+    for args, _, text in outputs:
+        assert db_password not in text, args
+        assert mq_password not in text, args
+        assert "Traceback" not in text, args
+    status = outputs[0]
+    assert status[1] != 0
+    assert "127.0.0.1:1" in status[2]  # it says which server, masked
+    assert "***" in status[2]
