@@ -1,0 +1,176 @@
+"""Security end to end, on the fault suite's private servers (they get users, TLS listeners
+and refusals the shared servers must not): the least-privilege broker user with
+``--no-declare``, secrets from ``*_FILE`` that never reach any output, and TLS to both
+servers with verification (and its refusal of a certificate from another CA)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import ScenarioFactory, Servers
+from tests.faults.harness import ROOT, Scenario, declare, grep, wait_for
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
+
+EVENTS = 3000
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _broker_user(s: Scenario) -> tuple[str, str]:
+    """A broker user with exactly the rights docs/security.md lists for the worker: read
+    on its two queues, write on the dead-letter exchange, configure nothing."""
+    user, password = f"prompter-worker-{secrets.token_hex(4)}", secrets.token_hex(16)
+    n = s.names
+    s.mq.ctl("add_user", user, password)
+    s.mq.ctl(
+        "set_permissions",
+        "-p",
+        "/",
+        user,
+        "^$",
+        f"^{_re(n['dead_letter_exchange'])}$",
+        f"^({_re(n['queue'])}|{_re(n['replay_queue'])})$",
+    )
+    return user, password
+
+
+def _re(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+async def test_least_privilege_broker_user_and_secrets_from_files(
+    scenario: ScenarioFactory, tmp_path: Path
+) -> None:
+    """A worker with no-declare, a broker user that may only read its queues and write to
+    the dead-letter exchange, and the runtime database role, both URLs read from *_FILE:
+    it stores the events and dead-letters the poison. Declaring is refused to that user
+    (exit 2). No password appears in its logs, /metrics, /readyz, `status`, or the errors
+    of a wrong port or password."""
+    s = await scenario("least-privilege")
+    del s.messages[EVENTS:]
+    await declare(s)  # the administrator owns the topology
+    user, password = await asyncio.to_thread(_broker_user, s)
+    amqp = f"amqp://{user}:{password}@127.0.0.1:{s.mq.port}/"
+    (tmp_path / "amqp").write_text(amqp)
+    (tmp_path / "db").write_text(s.worker_database_url)
+    env = s.env(declare=False)
+    del env["AMQP_URL"], env["DATABASE_URL"]
+    env.update(AMQP_URL_FILE=str(tmp_path / "amqp"), DATABASE_URL_FILE=str(tmp_path / "db"))
+
+    w = s.worker()
+    w.env = {**env, "PROMPTER_METRICS_PORT": str(w.port)}
+    await w.start()
+    await w.ready()
+    publisher = s.publisher()
+    await publisher.publish(s.messages)
+    await s.account(publisher, consumers=1)
+    outputs = {
+        "metrics": await asyncio.to_thread(w._get, "/metrics") or "",
+        "readyz": await asyncio.to_thread(w._get, "/readyz") or "",
+    }
+    assert "prompter_events_stored_total" in outputs["metrics"]
+    for args in (["status"], ["status", "--json"]):
+        out = await asyncio.to_thread(_cli, env, *args)
+        assert out.returncode == 0, out.stderr
+        outputs[" ".join(args)] = out.stdout + out.stderr
+    await s.stop_workers()
+
+    (tmp_path / "wrong-port").write_text(amqp.replace(f":{s.mq.port}/", ":1/"))
+    (tmp_path / "wrong-password").write_text(amqp.replace(password, password[::-1]))
+    for name in ("wrong-port", "wrong-password"):
+        out = await asyncio.to_thread(
+            _cli, {**env, "AMQP_URL_FILE": str(tmp_path / name)}, "status"
+        )
+        assert out.returncode == 1, out.stdout
+        outputs[name] = out.stdout + out.stderr
+        assert password[::-1] not in outputs[name]
+    assert "ACCESS_REFUSED" in outputs["wrong-password"] or "403" in outputs["wrong-password"]
+
+    declaring = s.worker()
+    declaring.env = {**w.env, "PROMPTER_DECLARE": "true", "PROMPTER_METRICS_PORT": "0"}
+    await declaring.start()
+    assert await declaring.wait(60) == 2
+    assert grep(declaring.log, "refused access")
+
+    logs = "\n".join(x.log.read_text() for x in s.workers)
+    for name, text in {**outputs, "logs": logs}.items():
+        assert password not in text, name
+        assert s.role[1] not in text, name
+
+
+async def test_tls_to_both_servers_is_verified(scenario: ScenarioFactory, servers: Servers) -> None:
+    """sslmode=verify-full with sslrootcert, and amqps:// with cafile, pass through from
+    the configuration: every connection of the worker is encrypted. With a certificate
+    authority that did not sign the servers' certificates, the worker refuses to connect
+    to either (it stays unready and says why)."""
+    s = await scenario("tls")
+    del s.messages[EVENTS:]
+    await declare(s)
+    certs = servers.certs
+    role, password = s.role
+
+    def urls(ca: Path) -> dict[str, str]:
+        return {
+            "database_url": (
+                f"postgresql://{role}:{password}@127.0.0.1:{s.pg.port}/{s.database}"
+                f"?sslmode=verify-full&sslrootcert={ca}"
+            ),
+            "amqp_url": f"amqps://guest:guest@localhost:{s.mq.tls_port}/?cafile={ca}",
+        }
+
+    w = await s.worker(**urls(certs.ca)).start()
+    await w.ready()
+    publisher = s.publisher()
+    await publisher.publish(s.messages)
+    await s.account(publisher, consumers=1)
+    conn = await s.connect()
+    try:
+        ssl = await conn.fetch(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)"
+            " WHERE a.datname = $1 AND a.application_name = 'prompter-worker'",
+            s.database,
+        )
+    finally:
+        await conn.close()
+    assert ssl
+    assert all(r["ssl"] for r in ssl)
+    connections = await asyncio.to_thread(s.mq.ctl, "list_connections", "port", "ssl")
+    worker_connections = [line for line in connections.splitlines() if str(s.mq.tls_port) in line]
+    assert len(worker_connections) >= 2  # the consumer's and the publisher's
+    assert all(line.split("\t")[1] == "true" for line in worker_connections)
+    await s.stop_workers()
+
+    wrong = urls(certs.other_ca)
+    for broken in (
+        {"database_url": wrong["database_url"]},
+        {"amqp_url": wrong["amqp_url"]},
+    ):
+        refused = await s.worker(**{**urls(certs.ca), **broken}).start()
+        await wait_for(
+            lambda r=refused: _logged(r.log, "CERTIFICATE_VERIFY_FAILED|certificate verify failed"),
+            within=30,
+            message="the worker to refuse the certificate",
+        )
+        assert await asyncio.to_thread(refused._get, "/readyz") is None
+        await refused.kill()
+
+
+async def _logged(path: Path, pattern: str) -> bool:
+    return bool(grep(path, pattern))
