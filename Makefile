@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint format types check bench lock clean
+.PHONY: install run test faults audit lint format types check bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run: $(STAMP)  ## the main job on local servers (DATABASE_URL, AMQP_URL; default
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+faults: $(STAMP)  ## only the fault suite (private servers; also part of `make test`)
+	$(BIN)/pytest -m faults tests/faults -rA
+
+audit: $(STAMP)  ## the pins against OSV / PyPI advisories; exit 3 = NOT AUDITED (no source)
+	$(BIN)/python scripts/audit constraints.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

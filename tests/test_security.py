@@ -253,3 +253,43 @@ def test_secrets_from_files_never_reach_errors_or_help(tmp_path: Path) -> None:
     assert status[1] != 0
     assert "127.0.0.1:1" in status[2]  # it says which server, masked
     assert "***" in status[2]
+
+
+# --- the dependency audit --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_dependency_audit_never_passes_silently(tmp_path: Path) -> None:
+    """scripts/audit (make audit) on a pin with published advisories, jinja2 2.10: where an
+    advisory source answers, the audit fails naming the package; where none answers (OSV
+    unreachable, PyPI's per-release API refused, as on the development machines), it exits
+    3 saying NOT AUDITED. It never exits 0 on that pin."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("jinja2==2.10\n")
+    out = subprocess.run(
+        [sys.executable, "scripts/audit", str(requirements)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode in (1, 3), text
+    if out.returncode == 3:
+        assert "NOT AUDITED" in out.stderr
+        assert f"{requirements} was NOT checked" in out.stderr
+    else:
+        assert "jinja2" in text.lower()
+        assert "PYSEC-" in text or "GHSA-" in text or "CVE-" in text
+
+
+def test_ci_runs_the_audit_and_stops_on_a_finding() -> None:
+    """.ci/run runs scripts/audit on constraints.txt before the tests, goes on only when it
+    passed or could not reach any source (exit 3), and still ends with `make test`."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ".venv/bin/python scripts/audit constraints.txt || audit=$?" in ci
+    assert 'elif [ "$audit" -ne 0 ]; then\n  exit "$audit"' in ci
+    assert ci.index("scripts/audit") < ci.index("make test")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/python scripts/audit constraints.txt" in makefile
