@@ -201,18 +201,26 @@ async def test_broker_connections_closed_and_broker_restarted(scenario: Scenario
     await w.ready()
     publisher = s.publisher()
     publishing = asyncio.create_task(publisher.publish(s.messages, rate=3000))
-    for rows in (2000, 5000):
-        await s.wait_rows(rows)
-        await asyncio.to_thread(s.mq.close_all_connections)
-        await w.ready()
-    await s.wait_rows(9000)
-    await asyncio.to_thread(s.mq.restart_app)
-    await w.ready()
+    faults = (s.mq.close_all_connections, s.mq.close_all_connections, s.mq.restart_app)
+    for k, (fault, confirmed) in enumerate(zip(faults, (3000, 8000, 13000), strict=True)):
+        await wait_for(lambda n=confirmed: _confirmed(publisher, n), message=f"{confirmed} sent")
+        await asyncio.to_thread(fault)
+        await wait_for(
+            lambda k=k: _has_count(w.log, "reconnected to the broker", k + 1),
+            message="the worker reconnected",
+        )
     await publishing
     await s.account(publisher, consumers=1)
     assert publisher.reconnects >= 3
-    assert len(grep(w.log, "reconnected to the broker")) >= 3
     await s.stop_workers()
+
+
+async def _confirmed(publisher: ConfirmedPublisher, n: int) -> bool:
+    return len(publisher.confirmed) >= n
+
+
+async def _has_count(path: Path, pattern: str, n: int) -> bool:
+    return len(grep(path, pattern)) >= n
 
 
 # --- 4. PostgreSQL ------------------------------------------------------------------------
