@@ -253,9 +253,17 @@ async def test_postgres_backends_killed_and_server_restarted(scenario: ScenarioF
 
 async def test_table_lock_and_migration_under_load(scenario: ScenarioFactory) -> None:
     """A table locked far longer than the batch wait (the worker's lock_timeout fires:
-    retried with backoff), then a migration applied under load (columns added, an index
-    built: plans invalidated): nothing dead-lettered but the poison, nothing lost."""
+    retried with backoff), then a migration applied under load that changes the type of a
+    column the worker's prepared statements return (their cached plans are invalidated:
+    retried, re-prepared), later events bringing new version keys: nothing dead-lettered
+    but the poison, nothing lost."""
     s = await scenario("lock-and-migration")
+    for i in range(len(s.messages) - 6000, len(s.messages)):
+        m = s.messages[i]
+        if m.good:
+            doc = orjson.loads(m.body)
+            doc["provider_version_key"] += "-after-migration"
+            s.messages[i] = Message(m.id, orjson.dumps(doc), True, m.expect)
     role = s.role[0]
     await s.pg.execute(
         f'ALTER ROLE "{role}" IN DATABASE "{s.database}" SET lock_timeout = \'200ms\''
@@ -264,7 +272,7 @@ async def test_table_lock_and_migration_under_load(scenario: ScenarioFactory) ->
     w = await s.worker().start()
     await w.ready()
     publisher = s.publisher()
-    publishing = asyncio.create_task(publisher.publish(s.messages, rate=5000))
+    publishing = asyncio.create_task(publisher.publish(s.messages, rate=4000))
     await s.wait_rows(3000)
     locker = await s.connect()
     try:
@@ -282,17 +290,17 @@ async def test_table_lock_and_migration_under_load(scenario: ScenarioFactory) ->
         async with conn.transaction():
             await conn.execute("ALTER TABLE prompt_results ADD COLUMN fault_note text")
             await conn.execute(
-                "ALTER TABLE prompt_versions ADD COLUMN fault_note text DEFAULT 'migrated'"
+                "ALTER TABLE prompt_versions ALTER COLUMN provider_version_key TYPE varchar(512)"
             )
         await conn.execute(
             "CREATE INDEX ix_fault_fingerprint ON prompt_results (system_fingerprint)"
         )
-        await conn.execute("ALTER TABLE prompt_results DROP COLUMN fault_note")
     finally:
         await conn.close()
     await publishing
     await s.account(publisher, consumers=1)
-    assert len(grep(w.log, "55P03")) >= 1
+    assert grep(w.log, "55P03")
+    assert grep(w.log, "0A000")  # InvalidCachedStatementError, retried
     await s.stop_workers()
 
 
