@@ -29,8 +29,8 @@ def test_watermark_moves_over_contiguous_tags_only() -> None:
 
 
 async def test_full_batches_go_at_once_and_the_rest_after_the_wait() -> None:
-    """A full batch is cut immediately; while it is in flight, a partial one waits for
-    company up to batch_wait, not longer."""
+    """A full batch is cut immediately; a partial one waits for company up to batch_wait,
+    not longer."""
     d = Dispatcher(batch_size=3, batch_wait=0.2)
     s = Source(None, 1, "q", replay=False)
     loop = asyncio.get_running_loop()
@@ -42,15 +42,6 @@ async def test_full_batches_go_at_once_and_the_rest_after_the_wait() -> None:
     second = await asyncio.wait_for(d.next_batch(), 2)
     assert [h[1].delivery_tag for h in second or []] == [4, 5]
     assert loop.time() - started >= 0.15
-
-
-async def test_with_nothing_in_flight_a_partial_batch_goes_at_once() -> None:
-    """An idle database gets the first delivery right away: no waiting at low rates."""
-    d = Dispatcher(batch_size=100, batch_wait=5)
-    s = Source(None, 1, "q", replay=False)
-    d.add(s, delivery(1), asyncio.get_running_loop().time())
-    batch = await asyncio.wait_for(d.next_batch(), 1)
-    assert [h[1].delivery_tag for h in batch or []] == [1]
 
 
 async def test_live_deliveries_go_before_replayed_ones() -> None:

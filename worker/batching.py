@@ -1,10 +1,11 @@
 """Cutting deliveries into batches, and owing acknowledgements: pure bookkeeping, no I/O.
 
 :class:`Dispatcher` buffers deliveries (bounded by the prefetch counts) and hands out
-batches of at most ``batch_size``. When no batch is in flight, whatever is buffered goes at
-once (the database is idle: waiting would only add latency); while one is, deliveries wait
-up to ``batch_wait`` seconds for company, so batches grow with the load. Live deliveries go
-before replayed ones, so backfill never starves live traffic.
+batches of at most ``batch_size``, or whatever has waited ``batch_wait`` seconds, so batches
+grow with the load. (Sending whatever is at hand whenever no batch is in flight was tried:
+it makes hundreds of tiny transactions per second, whose fsyncs slow the broker sharing the
+disk, and tripled the latency tail; bench/README.md.) Live deliveries go before replayed
+ones, so backfill never starves live traffic.
 
 Suspects: a delivery the broker has handed out at least twice before
 (``x-delivery-count >= 2``) may be the one that killed its previous consumers. It is
@@ -188,10 +189,7 @@ class Dispatcher:
                     oldest = min(q[0][2] for q in (self.live, self.replay) if q)
                     due = oldest + self.batch_wait
                     now = loop.time()
-                    # Nothing in flight: the database is idle, and waiting for company
-                    # would only add latency. Otherwise wait (up to batch_wait) for more.
-                    idle = self.inflight == 0
-                    if n >= self.batch_size or now >= due or idle or self.draining:
+                    if n >= self.batch_size or now >= due or self.draining:
                         self.inflight += 1
                         self._suspect_turn = bool(self.suspects)
                         return self._take()

@@ -247,7 +247,7 @@ class Settings:
         500, "PROMPTER_BATCH_SIZE", "Most events written in one transaction.", _int_range(1, 10000)
     )
     batch_wait_ms: int = setting(
-        50,
+        5,
         "PROMPTER_BATCH_WAIT_MS",
         "Longest wait for a batch to fill before it is written anyway.",
         _int_range(0, 60_000),
