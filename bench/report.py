@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -64,7 +65,7 @@ def _versions() -> dict[str, str]:
         "cpus": str(os.cpu_count()),
         "memory_gib": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}",
         "rabbitmq": rabbit or "unknown",
-        "postgresql": postgres.split()[-1] if postgres else "unknown",
+        "postgresql": m.group(0) if (m := re.search(r"\d+\.\d+", postgres)) else "unknown",
     }
 
 

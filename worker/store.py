@@ -88,12 +88,35 @@ class SQL:
     # Existing version rows: merged LAST in the transaction, so their row locks are held
     # only until the commit that follows, and a concurrent batch on the same keys writes its
     # results meanwhile (the results' foreign-key checks take KEY SHARE locks, which do not
-    # conflict with these). Every transaction takes its locks in one order (new version
-    # keys by key, results by id, existing version rows by id), so workers never deadlock
-    # each other. Rows the batch would not change are not touched at all (every field only
-    # ever moves one way, so skipping on a stale snapshot is safe).
+    # conflict with these). Rows the batch would not change are not touched at all (every
+    # field only ever moves one way, so skipping on a stale snapshot is safe).
+    # LOCK_VERSIONS first locks the rows to change in id order: every transaction takes its
+    # locks in one order (new version keys by key, results by id, existing version rows by
+    # id), so workers never deadlock each other. (An UPDATE alone locks in the order of its
+    # plan's scan; two of them deadlocked within seconds with four connections.)
     # $1..$6: one row per key, sorted by version id.
-    MERGE_VERSIONS: Final = """
+    _CHANGES_SOURCE: Final = """
+        unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
+               $6::timestamptz[])
+        AS u(id, provider, model_id, fingerprint_captured_at, first_seen_at, last_seen_at)
+    """
+    _CHANGES_NEEDED: Final = """
+        v.id = u.id
+        AND (u.first_seen_at < v.first_seen_at
+             OR u.last_seen_at > v.last_seen_at
+             OR (u.fingerprint_captured_at IS NOT NULL
+                 AND (v.fingerprint_captured_at IS NULL
+                      OR u.fingerprint_captured_at > v.fingerprint_captured_at))
+             OR (u.last_seen_at, u.provider, u.model_id)
+              > (v.last_seen_at, v.provider, v.model_id))
+    """
+    LOCK_VERSIONS: Final = f"""
+        SELECT v.id FROM prompt_versions AS v, {_CHANGES_SOURCE}
+        WHERE {_CHANGES_NEEDED}
+        ORDER BY v.id
+        FOR NO KEY UPDATE OF v
+    """
+    MERGE_VERSIONS: Final = f"""
         UPDATE prompt_versions AS v SET
             first_seen_at = LEAST(v.first_seen_at, u.first_seen_at),
             last_seen_at = GREATEST(v.last_seen_at, u.last_seen_at),
@@ -107,17 +130,8 @@ class SQL:
                 WHEN (u.last_seen_at, u.provider, u.model_id)
                    > (v.last_seen_at, v.provider, v.model_id)
                 THEN u.model_id ELSE v.model_id END
-        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
-                    $6::timestamptz[])
-             AS u(id, provider, model_id, fingerprint_captured_at, first_seen_at, last_seen_at)
-        WHERE v.id = u.id
-          AND (u.first_seen_at < v.first_seen_at
-               OR u.last_seen_at > v.last_seen_at
-               OR (u.fingerprint_captured_at IS NOT NULL
-                   AND (v.fingerprint_captured_at IS NULL
-                        OR u.fingerprint_captured_at > v.fingerprint_captured_at))
-               OR (u.last_seen_at, u.provider, u.model_id)
-                > (v.last_seen_at, v.provider, v.model_id))
+        FROM {_CHANGES_SOURCE}
+        WHERE {_CHANGES_NEEDED}
     """
 
     # The results. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
@@ -417,11 +431,9 @@ class Store:
         inserted = await self._insert_results(conn, batch, ids, fast=fast)
         merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
         if merge:
-            await conn.execute(
-                SQL.MERGE_VERSIONS,
-                [ids[m[:4]] for m in merge],
-                *([m[j] for m in merge] for j in range(4, 9)),
-            )
+            args = ([ids[m[:4]] for m in merge], *([m[j] for m in merge] for j in range(4, 9)))
+            if await conn.fetch(SQL.LOCK_VERSIONS, *args):  # nothing to change: no write
+                await conn.execute(SQL.MERGE_VERSIONS, *args)
         return inserted, learned
 
     async def _insert_results(
