@@ -90,9 +90,9 @@ class SQL:
     # results meanwhile (the results' foreign-key checks take KEY SHARE locks, which do not
     # conflict with these). Rows the batch would not change are not touched at all (every
     # field only ever moves one way, so skipping on a stale snapshot is safe).
-    # LOCK_VERSIONS first locks the rows to change in id order: every transaction takes its
-    # locks in one order (new version keys by key, results by id, existing version rows by
-    # id), so workers never deadlock each other. (An UPDATE alone locks in the order of its
+    # Its subquery locks the rows to change in id order: every transaction takes its locks
+    # in one order (new version keys by key, results by id, existing version rows by id), so
+    # workers never deadlock each other. (A plain UPDATE ... FROM locks in the order of its
     # plan's scan; two of them deadlocked within seconds with four connections.)
     # $1..$6: one row per key, sorted by version id.
     _CHANGES_SOURCE: Final = """
@@ -110,28 +110,29 @@ class SQL:
              OR (u.last_seen_at, u.provider, u.model_id)
               > (v.last_seen_at, v.provider, v.model_id))
     """
-    LOCK_VERSIONS: Final = f"""
-        SELECT v.id FROM prompt_versions AS v, {_CHANGES_SOURCE}
-        WHERE {_CHANGES_NEEDED}
-        ORDER BY v.id
-        FOR NO KEY UPDATE OF v
-    """
     MERGE_VERSIONS: Final = f"""
         UPDATE prompt_versions AS v SET
-            first_seen_at = LEAST(v.first_seen_at, u.first_seen_at),
-            last_seen_at = GREATEST(v.last_seen_at, u.last_seen_at),
+            first_seen_at = LEAST(v.first_seen_at, l.first_seen_at),
+            last_seen_at = GREATEST(v.last_seen_at, l.last_seen_at),
             fingerprint_captured_at =
-                GREATEST(v.fingerprint_captured_at, u.fingerprint_captured_at),
+                GREATEST(v.fingerprint_captured_at, l.fingerprint_captured_at),
             provider = CASE
-                WHEN (u.last_seen_at, u.provider, u.model_id)
+                WHEN (l.last_seen_at, l.provider, l.model_id)
                    > (v.last_seen_at, v.provider, v.model_id)
-                THEN u.provider ELSE v.provider END,
+                THEN l.provider ELSE v.provider END,
             model_id = CASE
-                WHEN (u.last_seen_at, u.provider, u.model_id)
+                WHEN (l.last_seen_at, l.provider, l.model_id)
                    > (v.last_seen_at, v.provider, v.model_id)
-                THEN u.model_id ELSE v.model_id END
-        FROM {_CHANGES_SOURCE}
-        WHERE {_CHANGES_NEEDED}
+                THEN l.model_id ELSE v.model_id END
+        FROM (
+            SELECT v.id, u.provider, u.model_id, u.fingerprint_captured_at,
+                   u.first_seen_at, u.last_seen_at
+            FROM prompt_versions AS v, {_CHANGES_SOURCE}
+            WHERE {_CHANGES_NEEDED}
+            ORDER BY v.id
+            FOR NO KEY UPDATE OF v  -- locked in id order, before any row is updated
+        ) AS l
+        WHERE v.id = l.id
     """
 
     # The results. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
@@ -432,8 +433,7 @@ class Store:
         merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
         if merge:
             args = ([ids[m[:4]] for m in merge], *([m[j] for m in merge] for j in range(4, 9)))
-            if await conn.fetch(SQL.LOCK_VERSIONS, *args):  # nothing to change: no write
-                await conn.execute(SQL.MERGE_VERSIONS, *args)
+            await conn.execute(SQL.MERGE_VERSIONS, *args)
         return inserted, learned
 
     async def _insert_results(
