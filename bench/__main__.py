@@ -46,7 +46,10 @@ async def run(args: argparse.Namespace) -> Results:
         if "latency" in parts:
             print(f"latency at {args.rate:,} events/s", flush=True)
             docs = [orjson.loads(b) for b in bodies[:1000]]
-            results.latency = await e2e.latency(url, docs, args.rate, args.seconds)
+            for rep in range(args.reps):
+                lat = await e2e.latency(url, docs, args.rate, args.seconds)
+                results.latency_runs.append(lat)
+                print(f"  rep {rep + 1}: p99 {sorted(lat)[int(len(lat) * 0.99)] * 1000:.1f} ms")
             results.latency_rate = args.rate
         if "sweep" in parts:
             print("throughput by batch size", flush=True)
@@ -75,7 +78,8 @@ async def run(args: argparse.Namespace) -> Results:
                 )
         if "rss" in parts:
             print(f"peak RSS on a backlog of {args.backlog:,}", flush=True)
-            results.rss = await e2e.peak_rss(url, bodies, args.backlog)
+            for _ in range(args.reps):
+                results.rss_runs.append(await e2e.peak_rss(url, bodies, args.backlog))
     if "ingest" in parts:
         print("ingest alone vs COPY", flush=True)
         results.ingest = await ingest.run(args.events, args.reps)

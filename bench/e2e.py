@@ -345,6 +345,32 @@ async def variants(
     return out
 
 
+def _cpu_busy() -> tuple[int, int]:
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def settle(threshold: float = 0.25, quiet_for: float = 2.0, within: float = 60.0) -> float:
+    """Wait until the machine is quiet (busy share of all CPUs below ``threshold`` for
+    ``quiet_for`` seconds), so background work left by an earlier part (a checkpoint, the
+    broker deleting a drained queue's segments, autovacuum) does not land in a latency
+    measurement. Returns the seconds waited (at most ``within``)."""
+    start = time.monotonic()
+    quiet = 0.0
+    busy0, total0 = _cpu_busy()
+    while time.monotonic() - start < within:
+        await asyncio.sleep(0.5)
+        busy1, total1 = _cpu_busy()
+        share = (busy1 - busy0) / max(total1 - total0, 1)
+        busy0, total0 = busy1, total1
+        quiet = quiet + 0.5 if share < threshold else 0.0
+        if quiet >= quiet_for:
+            break
+    return time.monotonic() - start
+
+
 NOTIFY_TRIGGER = """
     CREATE OR REPLACE FUNCTION bench_notify_commit() RETURNS trigger AS $$
     DECLARE
@@ -377,6 +403,8 @@ async def latency(
     statement's ``created_at`` values, which PostgreSQL delivers at commit; latency is the
     time of that notification minus ``occurred_at``. Returns the latencies in seconds."""
     await _truncate(url)
+    waited = await settle()
+    print(f"  settled in {waited:.1f} s", flush=True)
     conn = await asyncpg.connect(url)
     seen: list[float] = []
 

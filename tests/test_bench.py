@@ -40,6 +40,6 @@ def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
         assert section in text, section
     data = json.loads(raw.read_text())
     assert data["quick"] is True
-    assert data["latency"]["count"] > 0
-    assert data["rss"]["peak_rss_bytes"] > 0
+    assert data["latency"]["runs"][0]["count"] > 0
+    assert data["rss"][0]["peak_rss_bytes"] > 0
     assert png.stat().st_size > 10_000
