@@ -227,7 +227,7 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
     reports as confirmed is in the queue, the checkpoint does not pass an unconfirmed line,
     and the re-run completes the file: every event is stored."""
     tenant = await make_tenant(conn)
-    n = 20_000
+    n = 30_000
     path = write_jsonl(tmp_path / "h.jsonl", history(tenant, n))
     checkpoint = tmp_path / "cp"
     name = f"test-replay-{uuid.uuid4().hex[:8]}"
@@ -237,7 +237,9 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
                 [str(path)],
                 publisher,
                 max_bytes=settings.max_event_bytes,
-                rate=4000,  # 5 s in all: time for rabbitmqctl to close the connection
+                # Unpaced: the window of unconfirmed messages is never empty, so the close
+                # catches some in flight (a paced run may sit between confirms when it lands,
+                # and then only reconnects on its next send: right, but not this test).
                 checkpoint=Checkpoint(str(checkpoint)),
             )
         )

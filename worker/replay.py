@@ -222,9 +222,56 @@ class _Run:
         self.progress = Progress(total, enabled=progress)
         self.marks: list[tuple[_Input, FileReport, Watermark, bool]] = []  # bool: EOF reached
         self.failure: BaseException | None = None
+        self.eof = False  # the current file was read to its end
         self.base = 0  # bytes of the files finished before the current one
         self._saved_at = time.monotonic()
         self._started = time.monotonic()
+
+    @classmethod
+    def start(
+        cls,
+        mode: str,
+        paths: Sequence[str],
+        *,
+        dry_run: bool,
+        checkpoint: Checkpoint | None,
+        force: bool,
+        rejects: Rejects | None,
+        progress: bool,
+        stop: Stop | None,
+    ) -> _Run:
+        """A run of ``mode`` over ``paths``, its inputs checked (:func:`_inputs`)."""
+        report = Report(
+            mode=mode,
+            dry_run=dry_run,
+            checkpoint=checkpoint.path if checkpoint else None,
+            rejects_path=rejects.path if rejects else None,
+        )
+        inputs = _inputs(paths, checkpoint, force=force)
+        return cls(
+            report, inputs, checkpoint=checkpoint, rejects=rejects, progress=progress, stop=stop
+        )
+
+    def valid_events(
+        self, inp: _Input, file: FileReport, mark: Watermark, reader: jsonl.Reader
+    ) -> Iterator[tuple[int, Event]]:
+        """The valid events of one file after its checkpoint, with their line numbers.
+        Invalid lines are reported and settled here; it ends early on a failure or a stop.
+        ``self.eof`` tells afterwards whether the file was read to its end (False too when
+        the caller broke off)."""
+        self.eof = False
+        for line, item in reader.events(after=inp.after):
+            if self.failure or self.stop.is_set():
+                return
+            if isinstance(item, Rejection):
+                self.invalid(file, _invalid(inp.name, line, item))
+                mark.skip(line)
+                continue
+            file.valid += 1
+            yield line, item
+            if line % TICK_EVERY_LINES == 0:
+                self.tick(reader)
+        self.eof = True
 
     def invalid(self, file: FileReport, invalid: Invalid) -> None:
         file.invalid.append(invalid)
@@ -324,16 +371,12 @@ async def publish_files(
     """Publish every valid line of ``paths`` with ``routing_key``; ``publisher=None`` is a
     dry run (validate and report). Never raises for what happens to single events or the
     broker: the report says what was confirmed and the error that stopped the run."""
-    report = Report(
-        mode=mode,
+    run = _Run.start(
+        mode,
+        paths,
         dry_run=publisher is None,
-        checkpoint=checkpoint.path if checkpoint else None,
-        rejects_path=rejects.path if rejects else None,
-    )
-    run = _Run(
-        report,
-        _inputs(paths, checkpoint, force=force),
         checkpoint=checkpoint,
+        force=force,
         rejects=rejects,
         progress=progress,
         stop=stop,
@@ -360,36 +403,24 @@ async def publish_files(
             if started is None:
                 continue
             file, mark = started
-            eof = False
             with jsonl.Reader(inp.name, max_bytes=max_bytes) as reader:
-                for line, item in reader.events(after=inp.after):
-                    if run.failure or run.stop.is_set():
-                        break
-                    if isinstance(item, Rejection):
-                        run.invalid(file, _invalid(inp.name, line, item))
-                        mark.skip(line)
-                        continue
-                    file.valid += 1
+                for line, event in run.valid_events(inp, file, mark, reader):
                     if publisher is None:
                         mark.skip(line)
-                    else:
-                        await pacer.wait()
-                        try:
-                            future = await publisher.send(
-                                Prepared.from_event(item), routing_key=routing_key
-                            )
-                        except WorkerError as exc:
-                            run.fail(exc)
-                            break
-                        mark.sent(line)
-                        future.add_done_callback(functools.partial(settled, file, mark, line))
-                    if line % TICK_EVERY_LINES == 0:
-                        run.tick(reader)
-                else:
-                    eof = True
+                        continue
+                    await pacer.wait()
+                    try:
+                        future = await publisher.send(
+                            Prepared.from_event(event), routing_key=routing_key
+                        )
+                    except WorkerError as exc:
+                        run.fail(exc)
+                        break
+                    mark.sent(line)
+                    future.add_done_callback(functools.partial(settled, file, mark, line))
                 if publisher is not None:  # this file's confirms, before it is called done
                     await _until(publisher.flush(), run.stop.now)
-                _end_file(run, reader, eof=eof)
+                _end_file(run, reader, eof=run.eof)
     except InputError as exc:
         run.fail(exc)
     finally:
@@ -397,7 +428,7 @@ async def publish_files(
             await _until(publisher.flush(), run.stop.now)
         run.save()
         run.finish()
-    return report
+    return run.report
 
 
 def _invalid(name: str, line: int, rejection: Rejection, event: Event | None = None) -> Invalid:
@@ -433,16 +464,12 @@ async def ingest_files(
     connections). ``store=None`` is a dry run. Lines the contract or the store refuses go
     to ``rejects``. A transient database fault is retried with backoff (up to
     :data:`DIRECT_ATTEMPTS` tries of the batch), then stops the run."""
-    report = Report(
-        mode="direct",
+    run = _Run.start(
+        "direct",
+        paths,
         dry_run=store is None,
-        checkpoint=checkpoint.path if checkpoint else None,
-        rejects_path=rejects.path if rejects else None,
-    )
-    run = _Run(
-        report,
-        _inputs(paths, checkpoint, force=force),
         checkpoint=checkpoint,
+        force=force,
         rejects=rejects,
         progress=progress,
         stop=stop,
@@ -504,35 +531,23 @@ async def ingest_files(
             if started is None:
                 continue
             file, mark = started
-            eof = False
             batch: list[tuple[int, Event]] = []
             with jsonl.Reader(inp.name, max_bytes=max_bytes) as reader:
-                for line, item in reader.events(after=inp.after):
-                    if run.failure or run.stop.is_set():
-                        break
-                    if isinstance(item, Rejection):
-                        run.invalid(file, _invalid(inp.name, line, item))
-                        mark.skip(line)
-                        continue
-                    file.valid += 1
+                for line, event in run.valid_events(inp, file, mark, reader):
                     if store is None:
                         mark.skip(line)
-                    else:
-                        await pacer.wait()
-                        batch.append((line, item))
-                        mark.sent(line)
-                        if len(batch) >= batch_size:
-                            await submit(inp.name, file, mark, batch)
-                            batch = []
-                    if line % TICK_EVERY_LINES == 0:
-                        run.tick(reader)
-                else:
-                    eof = True
+                        continue
+                    await pacer.wait()
+                    batch.append((line, event))
+                    mark.sent(line)
+                    if len(batch) >= batch_size:
+                        await submit(inp.name, file, mark, batch)
+                        batch = []
                 if batch and not run.failure and not run.stop.now.is_set():
                     await submit(inp.name, file, mark, batch)
                 if tasks:
                     await _until(asyncio.wait(set(tasks)), run.stop.now)
-                _end_file(run, reader, eof=eof)
+                _end_file(run, reader, eof=run.eof)
     except InputError as exc:
         run.fail(exc)
     finally:
@@ -542,7 +557,7 @@ async def ingest_files(
                 task.cancel()  # stopped at once: their lines stay unsettled
         run.save()
         run.finish()
-    return report
+    return run.report
 
 
 # --- the commands ---------------------------------------------------------------------------
