@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import threading
 from collections.abc import Callable, Iterator
 
 
@@ -13,16 +14,15 @@ def handle_signals(handler: Callable[[int], None]) -> Iterator[None]:
     """Call ``handler(signum)`` on SIGTERM and SIGINT for the duration, in the running loop;
     the previous handlers come back afterwards. Outside the main thread (where signals
     cannot be caught) nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     loop = asyncio.get_running_loop()
-    installed = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, handler, int(sig))
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            continue
-        installed.append(sig)
+    sigs = (signal.SIGTERM, signal.SIGINT)
+    for sig in sigs:
+        loop.add_signal_handler(sig, handler, int(sig))
     try:
         yield
     finally:
-        for sig in installed:
+        for sig in sigs:
             loop.remove_signal_handler(sig)
