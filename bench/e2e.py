@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 from pamqp import commands as spec
 
-from bench.harness import AMQP_URL, Series
+from bench.harness import AMQP_URL, Series, truncate
 from worker import broker
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -265,16 +265,6 @@ WORKER_CPU = "(e) worker CPU per event"
 BARE_CPU = "(a) bare consumer CPU per message"
 
 
-async def _truncate(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("TRUNCATE prompt_results, prompt_versions")
-        await conn.execute("VACUUM ANALYZE prompt_results")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
 async def drains(url: str, bodies: list[bytes], reps: int, naive_events: int) -> dict[str, Series]:
     """(a), (c), (d) and (e), interleaved: each run drains its own pre-filled queue.
 
@@ -291,7 +281,7 @@ async def drains(url: str, bodies: list[bytes], reps: int, naive_events: int) ->
     order = [BARE, WORKER, NAIVE]
     for rep in range(reps):
         for name in order if rep % 2 == 0 else list(reversed(order)):
-            await _truncate(url)
+            await truncate(url)
             async with topology() as names:
                 if name == BARE:
                     await prefill(names, bodies)
@@ -315,7 +305,7 @@ async def batch_sweep(url: str, bodies: list[bytes], sizes: Sequence[int]) -> di
     """Worker drain rate by batch size (one run each, same events)."""
     rates = {}
     for size in sizes:
-        await _truncate(url)
+        await truncate(url)
         async with topology() as names:
             await prefill(names, bodies)
             w = await drain_with_worker(
@@ -336,7 +326,7 @@ async def variants(
     name -> (environment, processes). One run each, same events."""
     out = {}
     for name, (env, processes) in configs.items():
-        await _truncate(url)
+        await truncate(url)
         async with topology() as names:
             await prefill(names, bodies)
             w = await drain_with_worker(names, url, len(bodies), env, processes=processes)
@@ -402,7 +392,7 @@ async def latency(
     ``occurred_at`` = now; a trigger (in the benchmark's database only) NOTIFYs each
     statement's ``created_at`` values, which PostgreSQL delivers at commit; latency is the
     time of that notification minus ``occurred_at``. Returns the latencies in seconds."""
-    await _truncate(url)
+    await truncate(url)
     waited = await settle()
     print(f"  settled in {waited:.1f} s", flush=True)
     conn = await asyncpg.connect(url)
@@ -456,7 +446,7 @@ def _now_iso() -> str:
 async def peak_rss(url: str, bodies: list[bytes], backlog: int) -> dict[str, float]:
     """Peak RSS of the worker draining a backlog of ``backlog`` events (the data set
     repeated with fresh ids), with its drain rate."""
-    await _truncate(url)
+    await truncate(url)
     async with topology() as names:
         chunk = 20_000
         published = 0

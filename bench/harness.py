@@ -41,6 +41,17 @@ async def scratch_database() -> AsyncIterator[str]:
         await admin.close()
 
 
+async def truncate(url: str) -> None:
+    """Empty the ingestion tables between runs, and start each run from a checkpoint."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE prompt_results, prompt_versions")
+        await conn.execute("VACUUM ANALYZE prompt_results")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
 @dataclass
 class Series:
     """Repeated measurements of one thing, in a unit where more is better (events/s) or

@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 
 from bench.data import make_events, make_templates, register_templates
-from bench.harness import Series, interleaved, scratch_database
+from bench.harness import Series, interleaved, scratch_database, truncate
 from worker import store as store_module
 from worker.events import Event, decode
 from worker.store import Store
@@ -95,16 +95,6 @@ class TempCopyStore(Store):
         return inserted
 
 
-async def _truncate(url: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute("TRUNCATE prompt_results, prompt_versions")
-        await conn.execute("VACUUM ANALYZE prompt_results")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
 def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -134,7 +124,7 @@ async def run(n_events: int, reps: int, batch: int = 1000) -> dict[str, Series]:
             )  # fmt: skip
 
         async def copy_run(prebuilt: bool) -> float:
-            await _truncate(url)
+            await truncate(url)
             conn = await asyncpg.connect(url)
             try:
                 version_ids = {k: uuid.uuid4() for k in keys}
@@ -183,7 +173,7 @@ async def run(n_events: int, reps: int, batch: int = 1000) -> dict[str, Series]:
                 await conn.close()
 
         async def store_run(kind: type[Store]) -> float:
-            await _truncate(url)
+            await truncate(url)
             pool = await store_module.create_pool(url, max_size=1)
             try:
                 store = kind(pool)

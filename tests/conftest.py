@@ -9,6 +9,7 @@ maintenance database) and ``PROMPTER_TEST_AMQP_URL``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -128,15 +129,22 @@ def empty_database() -> Iterator[str]:
         drop_database(name)
 
 
-@pytest.fixture
-def database(migrated_template: str) -> Iterator[str]:
-    """A migrated database of this test's own; its URL."""
+@contextlib.contextmanager
+def own_database(template: str) -> Iterator[str]:
+    """A database copied from ``template``, dropped on the way out; its URL."""
     name = unique_name("prompter_test")
-    url = create_database(name, template=migrated_template)
+    url = create_database(name, template=template)
     try:
         yield url
     finally:
         drop_database(name)
+
+
+@pytest.fixture
+def database(migrated_template: str) -> Iterator[str]:
+    """A migrated database of this test's own; its URL."""
+    with own_database(migrated_template) as url:
+        yield url
 
 
 @pytest.fixture

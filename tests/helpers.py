@@ -68,9 +68,9 @@ async def queue_depth(queue: str) -> int:
         await connection.close()
 
 
-async def drain(queue: str) -> list[aiormq.abc.DeliveredMessage]:
+async def drain(queue: str, amqp_url: str = AMQP_URL) -> list[aiormq.abc.DeliveredMessage]:
     """Take every ready message out of ``queue``."""
-    connection = await aiormq.connect(AMQP_URL)
+    connection = await aiormq.connect(amqp_url)
     out = []
     try:
         channel = await connection.channel()

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.conftest import create_database, drop_database, unique_name
+from tests.conftest import own_database
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
 from tests.helpers import close_connections_named, count, drain, queue_depth, running, wait_until
 from worker import broker, replay
@@ -338,12 +338,8 @@ async def test_dry_run_validates_and_sends_nothing(settings: Settings, tmp_path:
 @pytest.fixture
 def other_database(migrated_template: str) -> Iterator[str]:
     """A second migrated database of this test's own; its URL."""
-    name = unique_name("prompter_test")
-    url = create_database(name, template=migrated_template)
-    try:
+    with own_database(migrated_template) as url:
         yield url
-    finally:
-        drop_database(name)
 
 
 async def test_direct_backfill_and_broker_replay_give_identical_tables(

@@ -60,7 +60,10 @@ REASONS: Final = (
 ACCEPTED_CONTENT_TYPES: Final = frozenset({"application/json", "application/json; charset=utf-8"})
 ACCEPTED_CONTENT_ENCODINGS: Final = frozenset({"utf-8", "utf8", "identity"})
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+#: A UUID string in its canonical 8-4-4-4-12 hex form (either case).
+UUID_PATTERN: Final = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 _RFC3339 = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
     r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -110,10 +113,8 @@ def decode(body: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event | Rej
         )
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
+    except orjson.JSONDecodeError as exc:  # nesting deeper than orjson's limit included
         return Rejection(INVALID_JSON, str(exc))
-    except RecursionError:  # pragma: no cover - orjson enforces its own depth limit first
-        return Rejection(INVALID_JSON, "nesting too deep")
     if type(doc) is not dict:
         return Rejection(NOT_AN_OBJECT, f"the document is a JSON {_json_type(doc)}, not an object")
     return validate(doc, body)
@@ -127,7 +128,7 @@ def validate(doc: dict[str, Any], body: bytes) -> Event | Rejection:
         value = get(name)
         if value is None:
             return _missing(doc, name, "a UUID string")
-        if type(value) is not str or not _UUID.fullmatch(value):
+        if type(value) is not str or not UUID_PATTERN.fullmatch(value):
             return Rejection(INVALID_FIELD, f'"{name}" must be a UUID string')
         ids.append(value.lower())
 

@@ -16,7 +16,6 @@ workspace already has returns that template: the partial unique index
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -45,7 +44,6 @@ _TEXT_OPTIONAL: Final = ("provider", "system_instructions", "grounding_snapshot_
 _UUID_OPTIONAL: Final = ("grounding_profile_id", "created_by")
 _JSON_OPTIONAL: Final = ("tools_spec", "response_format", "retrieval_params")
 ALL_FIELDS: Final = frozenset(("org_id", "workspace_id", "name", "created_by", *CONFIG_FIELDS))
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 class SQL:
@@ -137,7 +135,7 @@ def parse_spec(doc: object) -> TemplateSpec:
         return doc[name]
 
     def uuid_field(name: str, value: Any) -> str:
-        if not isinstance(value, str) or not _UUID.fullmatch(value):
+        if not isinstance(value, str) or not ev.UUID_PATTERN.fullmatch(value):
             raise Rejection(ev.INVALID_FIELD, f'"{name}" must be a UUID string')
         return value.lower()
 

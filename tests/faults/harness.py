@@ -37,6 +37,7 @@ from pamqp import commands as spec
 
 from bench.data import Template, make_events
 from tests.faults.servers import PrivatePostgres, PrivateRabbit, free_port
+from tests.helpers import drain
 from worker import broker
 from worker.config import Settings
 
@@ -465,7 +466,7 @@ class Scenario:
             await conn.close()
         stored = Counter(r[0] for r in rows)
         content = {r[0]: r[1] for r in rows}
-        dead = await drain(self.mq.amqp_url, self.names["dead_letter_queue"])
+        dead = await drain(self.names["dead_letter_queue"], self.mq.amqp_url)
         dead_ids = Counter(m.header.properties.message_id for m in dead)
 
         lost = len(confirmed_good - stored.keys()) + len(confirmed_poison - dead_ids.keys())
@@ -511,21 +512,6 @@ class Scenario:
             if w.alive:
                 codes[w.log.name] = await w.stop()
         assert all(c == 0 for c in codes.values()), codes
-
-
-async def drain(amqp_url: str, queue: str) -> list[aiormq.abc.DeliveredMessage]:
-    """Take every ready message out of ``queue``."""
-    connection = await aiormq.connect(amqp_url)
-    out = []
-    try:
-        channel = await connection.channel()
-        while True:
-            message = await channel.basic_get(queue, no_ack=True)
-            if isinstance(message.delivery, spec.Basic.GetEmpty):
-                return out
-            out.append(message)
-    finally:
-        await connection.close()
 
 
 async def declare(scenario: Scenario, **settings: Any) -> None:
