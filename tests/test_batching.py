@@ -77,13 +77,13 @@ async def test_suspects_go_alone_with_nothing_in_flight() -> None:
     waiting = asyncio.create_task(d.next_batch())
     await asyncio.sleep(0.05)
     assert not waiting.done()  # the clean batch is still in flight
-    d.done(first or [])
+    d.done()
     second = await asyncio.wait_for(waiting, 1)
     assert [h[1].delivery_tag for h in second or []] == [3]
     third = asyncio.create_task(d.next_batch())
     await asyncio.sleep(0.05)
     assert not third.done()  # a suspect is in flight: everything else waits
-    d.done(second or [])
+    d.done()
     assert [h[1].delivery_tag for h in await asyncio.wait_for(third, 1) or []] == [2]
 
 
@@ -100,7 +100,7 @@ async def test_ties_alternate_order_with_the_count(count: int, expected: list[in
     for _ in range(3):
         batch = await asyncio.wait_for(d.next_batch(), 1)
         order.append((batch or [])[0][1].delivery_tag)
-        d.done(batch or [])
+        d.done()
     assert order == expected
 
 
@@ -118,7 +118,7 @@ async def test_drop_forgets_a_closed_channel_and_draining_ends() -> None:
     d.draining = True
     batch = await asyncio.wait_for(d.next_batch(), 1)
     assert [(h[0].queue, h[1].delivery_tag) for h in batch or []] == [("r", 1)]
-    d.done(batch or [])
+    d.done()
     assert await asyncio.wait_for(d.next_batch(), 1) is None
 
 
@@ -153,5 +153,5 @@ async def test_suspects_go_back_to_back_once_their_turn_comes() -> None:
         batch = await asyncio.wait_for(d.next_batch(), 1)
         order.append([h[1].delivery_tag for h in batch or []])
         d.add(s, delivery(tag), now)  # clean traffic keeps arriving
-        d.done(batch or [])
+        d.done()
     assert order == [[1], [4], [3], [2]]

@@ -42,7 +42,6 @@ MAX_FRAME: Final = 131_072
 
 _FRAME_HEAD = struct.Struct(">BHI")
 _METHOD_ID = struct.Struct(">I")
-_U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _SIZE_FLAGS = struct.Struct(">QH")  # content header: body size, property flags
 _ACK = struct.Struct(">BHIHHQBB")
@@ -115,6 +114,12 @@ class Delivery:
     @property
     def message_id(self) -> str | None:
         return self.properties.message_id
+
+
+def verification_disabled(query: dict[str, str]) -> bool:
+    """Whether an AMQP URL's query turns certificate verification off (``no_verify_ssl``,
+    as aiormq reads it)."""
+    return query.get("no_verify_ssl", "0") not in ("0", "")
 
 
 def _shortstr(data: bytes | memoryview, offset: int) -> tuple[str, int]:
@@ -294,6 +299,10 @@ class ConsumerProtocol(asyncio.Protocol):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[channel] = (reply, future)
         self._send(value, channel)
+        return await self._reply(future, timeout)
+
+    async def _reply(self, future: asyncio.Future[Any], timeout: float) -> Any:
+        """The awaited reply, or AMQPError if the connection closes first."""
         async with asyncio.timeout(timeout):
             done, _ = await asyncio.wait({future, self.closed}, return_when=asyncio.FIRST_COMPLETED)
         if future in done:
@@ -370,11 +379,7 @@ class ConsumerProtocol(asyncio.Protocol):
                 return item[1]
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[0] = ((kind,), future)
-        async with asyncio.timeout(timeout):
-            done, _ = await asyncio.wait({future, self.closed}, return_when=asyncio.FIRST_COMPLETED)
-        if future in done:
-            return future.result()
-        raise AMQPError(str(self.closed.exception() or "connection closed"))
+        return await self._reply(future, timeout)
 
     async def open_channel(self, channel: int, prefetch: int, timeout: float = 10) -> None:
         await self._rpc(spec.Channel.Open(), channel, (spec.Channel.OpenOk,), timeout)
@@ -472,7 +477,7 @@ async def connect(
         context = ssl.create_default_context(cafile=query.get("cafile"))
         if query.get("certfile"):
             context.load_cert_chain(query["certfile"], query.get("keyfile"))
-        if query.get("no_verify_ssl", "0") not in ("0", ""):
+        if verification_disabled(query):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
     loop = asyncio.get_running_loop()

@@ -201,7 +201,7 @@ class Dispatcher:
                     async with asyncio.timeout(timeout):
                         await self._arrived.wait()
 
-    def done(self, batch: list[Held]) -> None:
+    def done(self) -> None:
         self.inflight -= 1
         self.exclusive = False
         self._arrived.set()

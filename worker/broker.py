@@ -31,6 +31,7 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from worker import __version__
+from worker.amqp import verification_disabled
 from worker.config import Settings, mask_url
 from worker.errors import BrokerUnavailable, ConfigError
 
@@ -107,7 +108,7 @@ def check_tls(url: str) -> list[str]:
     parts = urllib.parse.urlsplit(url)
     query = dict(urllib.parse.parse_qsl(parts.query))
     warnings = []
-    if parts.scheme == "amqps" and query.get("no_verify_ssl", "0") not in ("0", ""):
+    if parts.scheme == "amqps" and verification_disabled(query):
         warnings.append(
             f"{mask_url(url)}: no_verify_ssl disables certificate verification; "
             "anyone on the path can read and forge traffic"

@@ -8,16 +8,15 @@ as the matching flag (the flag wins); commands declare which settings they take 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from worker import __version__, logs
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.config import Settings
 from worker.errors import ConfigError, WorkerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,30 +58,6 @@ def settings_options(*names: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
-
-
-@contextlib.asynccontextmanager
-async def database(settings: Settings) -> AsyncIterator[Any]:
-    """One connection with the pool's codecs; failures become a clean error message."""
-    import asyncpg
-
-    from worker import store
-
-    try:
-        conn = await asyncpg.connect(
-            asyncpg_dsn(settings.database_url),
-            timeout=10,
-            statement_cache_size=settings.statement_cache_size,
-        )
-    except Exception as exc:
-        raise click.ClickException(
-            f"cannot reach PostgreSQL at {mask_url(settings.database_url)}: {store.classify(exc)}"
-        ) from None
-    try:
-        await store.init_connection(conn)
-        yield conn
-    finally:
-        await conn.close()
 
 
 def run_async(coro: Any) -> Any:
@@ -176,6 +151,7 @@ def templates_add(settings: Settings, file: Any) -> None:
     """
     import orjson
 
+    from worker import store
     from worker import templates as tpl
     from worker.errors import Rejection
 
@@ -187,7 +163,7 @@ def templates_add(settings: Settings, file: Any) -> None:
         raise click.ClickException(f"{file.name}: {exc.detail}") from None
 
     async def go() -> tuple[str, bool]:
-        async with database(settings) as conn:
+        async with store.connect(settings) as conn:
             return await tpl.register(conn, spec)
 
     template_id, created = run_async(go())
@@ -216,6 +192,7 @@ def templates_list(
 
     import orjson
 
+    from worker import store
     from worker import templates as tpl
 
     for value, name in ((org_id, "--org"), (workspace_id, "--workspace")):
@@ -223,7 +200,7 @@ def templates_list(
             _check_uuid(value, name)
 
     async def go() -> list[tpl.TemplateRow]:
-        async with database(settings) as conn:
+        async with store.connect(settings) as conn:
             return await tpl.list_templates(
                 conn,
                 org_id=org_id,
@@ -250,12 +227,13 @@ def templates_list(
 @settings_options("database_url", "log_level", "log_format")
 def templates_delete(settings: Settings, template_id: str) -> None:
     """Soft-delete a template. Its history stays, and late results are still accepted."""
+    from worker import store
     from worker import templates as tpl
 
     _check_uuid(template_id, "TEMPLATE_ID")
 
     async def go() -> bool:
-        async with database(settings) as conn:
+        async with store.connect(settings) as conn:
             return await tpl.soft_delete(conn, template_id)
 
     if not run_async(go()):
@@ -558,17 +536,16 @@ def dead_letters_redrive(
 def dead_letters_purge(settings: Settings, yes: bool) -> None:
     """Delete every message of the dead-letter queue (needs --yes)."""
     from worker import deadletters
+    from worker.reports import plural
 
     if not yes:
         count = run_async(deadletters.depth(settings))
         raise click.UsageError(
-            f"refusing to delete {count:,} message{'' if count == 1 else 's'} from "
+            f"refusing to delete {plural(count, 'message')} from "
             f"{settings.dead_letter_queue} without --yes"
         )
     purged = run_async(deadletters.purge(settings))
-    click.echo(
-        f"purged {purged:,} message{'' if purged == 1 else 's'} from {settings.dead_letter_queue}"
-    )
+    click.echo(f"purged {plural(purged, 'message')} from {settings.dead_letter_queue}")
 
 
 @main.command()

@@ -323,8 +323,8 @@ class Settings:
             try:
                 override = overrides.pop(f.name, None)
                 if override is not None:
-                    raw = override if isinstance(override, str) else None
-                    values[f.name] = meta["parse"](raw) if raw is not None else override
+                    is_text = isinstance(override, str)
+                    values[f.name] = meta["parse"](override) if is_text else override
                     continue
                 raw = _read_variable(env, name, secret=meta["secret"])
                 if raw is not None:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import random
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,11 +54,10 @@ from worker.events import Event
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.publisher import publish_confirmed
 from worker.signals import handle_signals
-from worker.store import Store
+from worker.store import Store, backoff
 
 log = logging.getLogger(__name__)
 
-BACKOFF_BASE_SECONDS: Final = 0.1
 DB_PROBE_SECONDS: Final = 5.0
 
 
@@ -92,7 +90,6 @@ class Worker:
         self._stopped_consuming = asyncio.Event()
         self._fatal: BaseException | None = None
         self._signals = 0
-        self._consumer_count = 0
         self._next_node = 0
         self._last_db_success = 0.0
 
@@ -206,7 +203,7 @@ class Worker:
         remaining = deadline - asyncio.get_running_loop().time()
         _, pending = await asyncio.wait(processors, timeout=max(remaining, 0))
         if pending:
-            held = sum(s.held for s in self.current.sources) if self.current else 0
+            held = self._held()
             log.warning(
                 "shutdown timeout: %d deliveries left unacked; the broker redelivers them",
                 held,
@@ -238,7 +235,7 @@ class Worker:
                 )
             except TransientError as exc:
                 self._database_down(exc, attempt)
-                await self._sleep(_backoff(attempt, self.settings.retry_max_seconds))
+                await self._sleep(backoff(attempt, self.settings.retry_max_seconds))
                 attempt += 1
                 continue
             self.store = Store(self.pool)
@@ -283,14 +280,16 @@ class Worker:
     async def _tick(self) -> None:
         while not self._stop.is_set():
             self.health.tick()
-            held = sum(s.held for s in self.current.sources) if self.current else 0
-            self.metrics.inflight.set(held)
+            self.metrics.inflight.set(self._held())
             await self._sleep(1.0)
 
     # -- RabbitMQ ----------------------------------------------------------------------------
 
+    def _held(self) -> int:
+        """Deliveries received and not yet acked, over the current connection's sources."""
+        return sum(s.held for s in self.current.sources) if self.current else 0
+
     def _set_consumers(self, count: int) -> None:
-        self._consumer_count = count
         self.health.consumers = count
         self.metrics.consumers.set(count)
 
@@ -306,7 +305,7 @@ class Worker:
                 if attempt == 0 or attempt % 10 == 0:
                     log.warning("broker unavailable, retrying: %s", exc)
                 self._next_node += 1
-                await self._sleep(_backoff(attempt, self.settings.retry_max_seconds))
+                await self._sleep(backoff(attempt, self.settings.retry_max_seconds))
                 attempt += 1
                 continue
             attempt = 0
@@ -415,7 +414,7 @@ class Worker:
             try:
                 await self._process(batch)
             finally:
-                self.dispatcher.done(batch)
+                self.dispatcher.done()
 
     async def _process(self, batch: list[Held]) -> None:
         max_bytes = self.settings.max_event_bytes
@@ -424,11 +423,11 @@ class Worker:
         rejected: list[tuple[int, Rejection]] = []
         check, decode = events.check_properties, events.decode
         for i, (_, delivery, _) in enumerate(batch):
-            refusal = (
-                None
-                if delivery.plain_json
-                else check(delivery.content_type, delivery.content_encoding)
-            )
+            if delivery.plain_json:
+                refusal = None
+            else:  # the header decoded once for both properties
+                props = delivery.properties
+                refusal = check(props.content_type, props.content_encoding)
             decoded = refusal or decode(delivery.body, max_bytes)
             if isinstance(decoded, Event):
                 valid.append(decoded)
@@ -476,7 +475,7 @@ class Worker:
                 self._database_down(exc, attempt)
                 if self.dispatcher.closed:
                     return None
-                await self._sleep(_backoff(attempt, self.settings.retry_max_seconds), hard=True)
+                await self._sleep(backoff(attempt, self.settings.retry_max_seconds), hard=True)
                 attempt += 1
                 continue
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -500,7 +499,7 @@ class Worker:
                 return {i for i, _ in todo}
             current = self.current
             if current is None or current.connection.is_closed:
-                await self._sleep(_backoff(attempt, self.settings.retry_max_seconds), hard=True)
+                await self._sleep(backoff(attempt, self.settings.retry_max_seconds), hard=True)
                 attempt += 1
                 continue
             results = await asyncio.gather(
@@ -520,7 +519,7 @@ class Worker:
                     self.metrics.rejected.labels(reason=r.reason).inc()
             todo = retry
             if todo:
-                await self._sleep(_backoff(attempt, self.settings.retry_max_seconds), hard=True)
+                await self._sleep(backoff(attempt, self.settings.retry_max_seconds), hard=True)
                 attempt += 1
 
     async def _publish_dead(
@@ -531,6 +530,7 @@ class Worker:
         failed_at: str,
     ) -> None:
         props = delivery.properties
+        routing_key = delivery.routing_key
         headers = dict(props.headers or {})
         headers.update(
             {
@@ -539,7 +539,7 @@ class Worker:
                 "x-failed-at": failed_at,
                 "x-worker-version": __version__,
                 "x-original-exchange": delivery.exchange,
-                "x-original-routing-key": delivery.routing_key,
+                "x-original-routing-key": routing_key,
             }
         )
         copy = broker.republished_properties(props, headers)
@@ -547,7 +547,7 @@ class Worker:
             current.publisher,
             delivery.body,
             exchange=self.topology.dead_letter_exchange,
-            routing_key=delivery.routing_key or broker.LIVE_ROUTING_KEY,
+            routing_key=routing_key or broker.LIVE_ROUTING_KEY,
             props=copy,
         )
         log.warning(
@@ -557,7 +557,7 @@ class Worker:
                 "event_id": props.message_id,
                 "reason": rejection.reason,
                 "detail": rejection.detail,
-                "routing_key": delivery.routing_key,
+                "routing_key": routing_key,
             },
         )
 
@@ -622,9 +622,3 @@ async def _close_quietly(
             await consumer.close(timeout=5)
     with contextlib.suppress(Exception):
         await asyncio.wait_for(connection.close(), timeout=5)
-
-
-def _backoff(attempt: int, cap: float) -> float:
-    """Exponential backoff with jitter: ~0.1, 0.2, 0.4 ... seconds, capped, times 0.5-1."""
-    delay: float = min(cap, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt, 30))
-    return delay * random.uniform(0.5, 1.0)

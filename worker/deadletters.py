@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 from collections import Counter
 from collections.abc import Mapping
@@ -43,7 +44,12 @@ from pamqp import commands as spec
 from worker import broker
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError, WorkerError
-from worker.publisher import DEFAULT_CONFIRM_TIMEOUT, DEFAULT_WINDOW, publish_confirmed
+from worker.publisher import (
+    BROKER_ERRORS,
+    DEFAULT_CONFIRM_TIMEOUT,
+    DEFAULT_WINDOW,
+    publish_confirmed,
+)
 
 DEFAULT_LIST_LIMIT: Final = 1000
 REDRIVE_COUNT: Final = "x-redrive-count"
@@ -66,7 +72,6 @@ DEAD_LETTER_HEADERS: Final = frozenset(
         "x-delivery-count",
     }
 )
-_BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,15 +87,7 @@ class DeadLetter:
     redrives: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "event_id": self.event_id,
-            "reason": self.reason,
-            "detail": self.detail,
-            "failed_at": self.failed_at,
-            "routing_key": self.routing_key,
-            "by": self.by,
-            "redrives": self.redrives,
-        }
+        return dataclasses.asdict(self)
 
 
 def _text(value: Any) -> str | None:
@@ -177,7 +174,7 @@ async def _depth(connection: aiormq.Connection, queue: str) -> int:
             f"the dead-letter queue {queue!r} does not exist (has a worker or publisher with "
             "these settings ever run?)"
         ) from None
-    except _BROKER_ERRORS as exc:
+    except BROKER_ERRORS as exc:
         raise BrokerUnavailable(f"cannot inspect queue {queue!r}: {exc}") from None
     with contextlib.suppress(Exception):
         await channel.close()
@@ -189,7 +186,7 @@ async def _get(
 ) -> aiormq.abc.DeliveredMessage | None:
     try:
         message = await channel.basic_get(queue, no_ack=False)
-    except _BROKER_ERRORS as exc:
+    except BROKER_ERRORS as exc:
         raise BrokerUnavailable(f"reading {queue!r} failed: {type(exc).__name__}: {exc}") from None
     if isinstance(message.delivery, spec.Basic.GetEmpty):
         return None
@@ -199,7 +196,7 @@ async def _get(
 async def _give_back(channel: aiormq.abc.AbstractChannel, last_tag: int) -> None:
     """Return every message still unacknowledged on ``channel`` to the queue, untouched."""
     if last_tag and not channel.is_closed:
-        with contextlib.suppress(*_BROKER_ERRORS):
+        with contextlib.suppress(*BROKER_ERRORS):
             await channel.basic_nack(last_tag, multiple=True, requeue=True)
     with contextlib.suppress(Exception):
         await channel.close()  # returns anything the nack missed, too
@@ -352,7 +349,7 @@ async def redrive(
                 await getter.basic_ack(message.delivery_tag or 0)
             except WorkerError as exc:
                 report.failed.append((letter, str(exc)))
-            except _BROKER_ERRORS as exc:  # the ack: the copy returns, redriven twice is fine
+            except BROKER_ERRORS as exc:  # the ack: the copy returns, redriven twice is fine
                 report.failed.append((letter, f"acknowledging failed: {exc}"))
             else:
                 report.redriven.append(letter)
@@ -421,7 +418,7 @@ async def purge(settings: Settings) -> int:
         channel = await connection.channel()
         try:
             ok = await channel.queue_purge(queue)
-        except _BROKER_ERRORS as exc:
+        except BROKER_ERRORS as exc:
             raise BrokerUnavailable(f"purging {queue!r} failed: {exc}") from None
         with contextlib.suppress(Exception):
             await channel.close()

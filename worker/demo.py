@@ -17,10 +17,10 @@ from typing import Any, Final
 import asyncpg
 
 from worker import broker, templates
-from worker.config import Settings, asyncpg_dsn, mask_url
-from worker.errors import ConfigError, DatabaseUnavailable
+from worker.config import Settings
+from worker.errors import ConfigError
 from worker.publisher import Publisher
-from worker.store import classify
+from worker.store import classify, connect
 
 DEMO_ORG_ID: Final = "d3e0d3e0-0000-4000-8000-00000000000a"
 DEMO_WORKSPACE_ID: Final = "d3e0d3e0-0000-4000-8000-00000000000b"
@@ -146,12 +146,11 @@ def make_events(
 
 async def register_template(settings: Settings, org_id: str, workspace_id: str) -> tuple[str, bool]:
     """The demo template's id (registered now, or found from an earlier run)."""
-    try:
-        conn = await asyncpg.connect(asyncpg_dsn(settings.database_url), timeout=10)
-    except Exception as exc:
-        raise DatabaseUnavailable(
-            f"cannot reach PostgreSQL at {mask_url(settings.database_url)}: {classify(exc)}"
-        ) from None
+    async with connect(settings) as conn:
+        return await _register(conn, org_id, workspace_id)
+
+
+async def _register(conn: asyncpg.Connection, org_id: str, workspace_id: str) -> tuple[str, bool]:
     try:
         return await templates.register(conn, template_spec(org_id, workspace_id))
     except asyncpg.UndefinedTableError:
@@ -165,8 +164,6 @@ async def register_template(settings: Settings, org_id: str, workspace_id: str) 
         ) from None
     except (asyncpg.PostgresError, OSError, ConnectionError, TimeoutError) as exc:
         raise classify(exc) from None
-    finally:
-        await conn.close()
 
 
 async def run(

@@ -83,7 +83,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW: Final = 256
 DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
 CONTENT_TYPE: Final = "application/json"
-_BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
 
 EventInput = Mapping[str, Any] | bytes | bytearray | memoryview
 
@@ -127,7 +127,7 @@ def prepare(event: EventInput, *, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTE
     decoded = events.decode(body, max_bytes)
     if isinstance(decoded, Rejection):
         raise decoded
-    return Prepared(event_id=decoded.event_id, body=body)
+    return Prepared.from_event(decoded)
 
 
 class Publisher:
@@ -342,7 +342,7 @@ class Publisher:
                     self._connection = None
                     with contextlib.suppress(Exception):
                         await connection.close()
-                    if isinstance(exc, _BROKER_ERRORS):
+                    if isinstance(exc, BROKER_ERRORS):
                         raise BrokerUnavailable(
                             f"declaring the topology failed: {type(exc).__name__}: {exc}"
                         ) from None
@@ -351,7 +351,7 @@ class Publisher:
                 self._channel = await connection.channel(
                     publisher_confirms=True, on_return_raises=True
                 )
-            except _BROKER_ERRORS as exc:
+            except BROKER_ERRORS as exc:
                 raise BrokerUnavailable(
                     f"cannot open a channel to RabbitMQ: {type(exc).__name__}: {exc}"
                 ) from None
@@ -392,7 +392,7 @@ async def publish_confirmed(
         raise UnroutableError(f"exchange {exchange!r} does not exist") from None
     except TimeoutError:
         raise PublishError(f"no confirm for {what} within {confirm_timeout:g}s") from None
-    except _BROKER_ERRORS as exc:
+    except BROKER_ERRORS as exc:
         # Messages queued behind the one that closed the channel fail with "channel
         # closed": the channel's own close reason says what really happened.
         if isinstance(_close_reason(channel), aiormq.exceptions.ChannelNotFoundEntity):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import random
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -54,7 +53,7 @@ from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
 from worker.reports import FileReport, Invalid, Rejects, Report
 from worker.signals import handle_signals
-from worker.store import Outcome, Store, create_pool
+from worker.store import Outcome, Store, backoff, create_pool, unreachable
 
 CHECKPOINT_EVERY_SECONDS: Final = 1.0
 DEFAULT_BATCH_SIZE: Final = 1000
@@ -325,7 +324,8 @@ def _start_file(run: _Run, inp: _Input) -> tuple[FileReport, Watermark] | None:
     return file, mark
 
 
-def _end_file(run: _Run, reader: jsonl.Reader, *, eof: bool) -> None:
+def _end_file(run: _Run, reader: jsonl.Reader) -> None:
+    eof = run.eof
     inp, file, mark, _ = run.marks[-1]
     run.marks[-1] = (inp, file, mark, eof)
     if not eof:
@@ -420,7 +420,7 @@ async def publish_files(
                     future.add_done_callback(functools.partial(settled, file, mark, line))
                 if publisher is not None:  # this file's confirms, before it is called done
                     await _until(publisher.flush(), run.stop.now)
-                _end_file(run, reader, eof=run.eof)
+                _end_file(run, reader)
     except InputError as exc:
         run.fail(exc)
     finally:
@@ -495,8 +495,7 @@ async def ingest_files(
                         file.unconfirmed += len(batch)
                         run.fail(exc)
                         return
-                    delay = min(retry_max_seconds, 0.2 * 2**attempt) * random.uniform(0.5, 1)
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(backoff(attempt + 1, retry_max_seconds))
                 except Exception as exc:  # not worth retrying: a missing table, say
                     file.unconfirmed += len(batch)
                     run.fail(exc)
@@ -547,7 +546,7 @@ async def ingest_files(
                     await submit(inp.name, file, mark, batch)
                 if tasks:
                     await _until(asyncio.wait(set(tasks)), run.stop.now)
-                _end_file(run, reader, eof=run.eof)
+                _end_file(run, reader)
     except InputError as exc:
         run.fail(exc)
     finally:
@@ -582,8 +581,8 @@ async def run_broker(
     SIGTERM. Raises only for what is wrong before anything is sent (an unreadable input, a
     changed file, a bad checkpoint); everything later is in the report."""
     checkpoint = Checkpoint.load(checkpoint_path) if checkpoint_path else None
-    _inputs(paths, checkpoint, force=force)  # refuse bad input before connecting
     stop = Stop()
+    # The publisher connects on its first send, after publish_files has checked the inputs.
     publisher = (
         None
         if dry_run
@@ -663,7 +662,7 @@ async def _open_pool(settings: Settings, size: int) -> asyncpg.Pool:
             statement_cache_size=settings.statement_cache_size,
         )
     except WorkerError as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(url)}: {exc}") from None
+        raise unreachable(url, exc) from None
     try:
         async with pool.acquire() as conn:
             await conn.execute("SELECT 1 FROM prompt_results LIMIT 0")

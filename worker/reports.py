@@ -149,28 +149,28 @@ def render(report: Report, *, with_error: bool = True) -> str:
     rate = report.confirmed / report.elapsed if report.elapsed > 0 else 0.0
     if report.dry_run:
         out.append(
-            f"dry run: {_n(report.valid, 'valid line')}, {len(invalid):,} invalid; nothing sent"
+            f"dry run: {plural(report.valid, 'valid line')}, {len(invalid):,} invalid; nothing sent"
         )
     elif report.mode == "direct":
         stored = sum(f.stored for f in report.files)
         dupes = sum(f.duplicates for f in report.files)
         out.append(
-            f"{what} {_n(stored, 'event')} ({dupes:,} stored before), "
+            f"{what} {plural(stored, 'event')} ({dupes:,} stored before), "
             f"{len(invalid):,} refused, in {report.elapsed:.1f}s ({rate:,.0f} events/s)"
         )
     else:
         out.append(
-            f"{what} {_n(report.confirmed, 'event')} (confirmed by the broker), "
-            f"{_n(len(invalid), 'invalid line')} not sent, in {report.elapsed:.1f}s "
+            f"{what} {plural(report.confirmed, 'event')} (confirmed by the broker), "
+            f"{plural(len(invalid), 'invalid line')} not sent, in {report.elapsed:.1f}s "
             f"({rate:,.0f} events/s)"
         )
     if invalid:
         counts = Counter(i.reason for i in invalid)
         out.append("invalid by reason: " + ", ".join(f"{r} {n:,}" for r, n in counts.most_common()))
     if report.unconfirmed:
-        out.append(f"{_n(report.unconfirmed, 'event')} sent but not confirmed (safe to resend)")
+        out.append(f"{plural(report.unconfirmed, 'event')} sent but not confirmed (safe to resend)")
     if report.unsent:
-        out.append(f"{_n(report.unsent, 'valid event')} read but not sent")
+        out.append(f"{plural(report.unsent, 'valid event')} read but not sent")
     for f in report.files:
         if not f.reached:
             out.append(f"{f.name}: not reached, nothing of it was processed")
@@ -181,7 +181,7 @@ def render(report: Report, *, with_error: bool = True) -> str:
             )
     if report.rejects_written:
         out.append(
-            f"{_n(report.rejects_written, 'refused line')} appended to {report.rejects_path}"
+            f"{plural(report.rejects_written, 'refused line')} appended to {report.rejects_path}"
         )
     if report.interrupted:
         out.append("interrupted")
@@ -197,7 +197,8 @@ def render(report: Report, *, with_error: bool = True) -> str:
     return "\n".join(out)
 
 
-def _n(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """``1 event``, ``2 events``, ``1,000 events``."""
     return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 

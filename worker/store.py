@@ -25,9 +25,11 @@ rest is stored, still in one transaction. Every other failure is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
-from collections.abc import Sequence
+import random
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -36,7 +38,7 @@ import asyncpg
 import orjson
 
 from worker import events as ev
-from worker.config import asyncpg_dsn
+from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import (
     DatabaseConflict,
     DatabaseError,
@@ -246,6 +248,31 @@ async def create_pool(
     return pool
 
 
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """One connection outside a pool, for the commands other than ``run``: the pool's
+    codecs and statement-cache setting. Raises :class:`DatabaseUnavailable` naming the
+    server (password masked) when it cannot connect."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            asyncpg_dsn(settings.database_url),
+            timeout=10,
+            statement_cache_size=settings.statement_cache_size,
+        )
+    except Exception as exc:
+        raise unreachable(settings.database_url, classify(exc)) from None
+    try:
+        await init_connection(conn)
+        yield conn
+    finally:
+        await conn.close()
+
+
+def unreachable(database_url: str, reason: BaseException) -> DatabaseUnavailable:
+    """The error for a database that cannot be reached."""
+    return DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(database_url)}: {reason}")
+
+
 # --- error classification ---------------------------------------------------------------
 
 _UNAVAILABLE_STATES: Final = frozenset(
@@ -296,6 +323,17 @@ def classify(exc: BaseException) -> TransientError:
     if isinstance(exc, _INFRASTRUCTURE):
         return DatabaseUnavailable(message)
     return DatabaseError(message)
+
+
+#: The first retry waits about this long; each next one twice as long (see :func:`backoff`).
+BACKOFF_BASE_SECONDS: Final = 0.1
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (0, 1, 2, ...) of a transient
+    fault: exponential, ~0.1, 0.2, 0.4 ... capped at ``cap``, times a jitter of 0.5-1."""
+    delay: float = min(cap, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt, 30))
+    return delay * random.uniform(0.5, 1.0)
 
 
 # --- ingestion --------------------------------------------------------------------------
