@@ -5,16 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiormq
 import asyncpg
 from pamqp import commands as spec
 
-from tests.conftest import AMQP_URL
+from tests.conftest import AMQP_URL, ROOT
 from worker.consumer import Worker
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str], stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m worker ARGS`` from the project's root, as a user runs it; its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=ROOT,
+        env=dict(env),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 async def wait_until(

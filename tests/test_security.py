@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import with_user
 from tests.factories import event, make_tenant
+from tests.helpers import run_cli
 from worker.config import Settings, tls_warnings
 from worker.errors import ConfigError
 
@@ -235,15 +236,7 @@ def test_secrets_from_files_never_reach_errors_or_help(tmp_path: Path) -> None:
     ]
     outputs = []
     for args in runs:
-        out = subprocess.run(
-            [sys.executable, "-m", "worker", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        out = run_cli(*args, env=env)
         outputs.append((args, out.returncode, out.stdout + out.stderr))
     for args, _, text in outputs:
         assert db_password not in text, args

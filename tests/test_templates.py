@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import asyncpg
 import pytest
 
 from tests.factories import template_doc
+from tests.helpers import run_cli
 from worker import templates
 from worker.errors import Rejection
 
@@ -113,16 +113,7 @@ async def test_soft_delete_then_register_creates_a_new_template(conn: asyncpg.Co
 
 def cli(*args: str, database: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database, "PROMPTER_LOG_FORMAT": "json"}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", "templates", *args],
-        cwd=ROOT,
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("templates", *args, env=env, stdin=stdin)
 
 
 def test_templates_cli(database: str, tmp_path: Path) -> None:

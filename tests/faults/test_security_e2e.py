@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import ScenarioFactory, Servers
-from tests.faults.harness import ROOT, Scenario, declare, grep, wait_for
+from tests.faults.harness import Scenario, declare, grep, wait_for
+from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
 
@@ -22,15 +22,7 @@ EVENTS = 3000
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, env=env)
 
 
 def _broker_user(s: Scenario) -> tuple[str, str]:
