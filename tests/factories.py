@@ -100,6 +100,15 @@ def event(tenant: Tenant, **kwargs: Any) -> Event:
     return decoded
 
 
+def spaced(e: Event) -> Event:
+    """The same event with its body indented: valid JSON, but not orjson's compact form, so
+    it has no ``columns`` and the store parses its whole body."""
+    decoded = decode(orjson.dumps(orjson.loads(e.body), option=orjson.OPT_INDENT_2))
+    assert isinstance(decoded, Event), decoded
+    assert decoded.columns is None
+    return decoded
+
+
 async def snapshot(conn: asyncpg.Connection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Both ingestion tables as comparable values (version ids replaced by their keys)."""
     versions = await conn.fetch(

@@ -319,3 +319,47 @@ def test_random_json_gives_an_event_or_a_rejection(
     if isinstance(out, Rejection):
         assert out.reason in events.REASONS
         assert out.detail
+
+
+def test_compact_bodies_carry_their_json_columns_exactly() -> None:
+    """A body in orjson's compact form carries request, response and analysis_config as
+    their very text in the body (the store COPYs them); surrounding whitespace is fine."""
+    d = doc(analysis_config={"rubric": "strict", "weights": [0.5, 2]})
+    body = encode(d)
+    for form in (body, body + b"\n", b" \r\n" + body + b"\t"):
+        out = decode(form)
+        assert isinstance(out, Event)
+        assert out.columns is not None
+        request, response, analysis = out.columns
+        assert (request, response) == (encode(d["request"]), encode(d["response"]))
+        assert analysis == b'{"rubric":"strict","weights":[0.5,2]}'
+        for text in out.columns:
+            assert text is not None
+            assert text in body
+    absent = without("analysis_config")
+    for d in (doc(analysis_config=None), absent):
+        out = decode(encode(d))
+        assert isinstance(out, Event)
+        assert out.columns is not None
+        assert out.columns[2] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps(doc()).encode(),  # spaces after ':' and ','
+        encode(doc(request={"text": "caf\u00e9"})).replace("é".encode(), b"\\u00e9"),
+        encode(doc(request={"path": "a/b"})).replace(b"a/b", b"a\\/b"),
+        encode(doc(request={"temperature": 1.5})).replace(b"1.5", b"1.50"),
+        encode(doc(request={"n": 100})).replace(b'"n":100', b'"n":1e2'),
+        encode(doc(request={"n": 1})).replace(b'"n":1', b'"n":123456789012345678901234567890'),
+        encode(doc())[:-1] + b',"provider":"anthropic"}',  # a duplicate key
+    ],
+    ids=["spaces", "unicode-escape", "slash-escape", "trailing-zero", "exponent", "big-int", "dup"],
+)
+def test_other_bodies_are_stored_from_the_whole_body(body: bytes) -> None:
+    """Any body orjson would not write back byte for byte has no columns: PostgreSQL then
+    parses the whole body, so what is stored never depends on Python's reading of it."""
+    out = decode(body)
+    assert isinstance(out, Event)
+    assert out.columns is None

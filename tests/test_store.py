@@ -6,6 +6,7 @@ import asyncio
 import random
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import orjson
@@ -13,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.factories import BASE_TIME, Tenant, encode, event, event_doc, make_tenant, snapshot
+from tests.factories import (
+    BASE_TIME,
+    Tenant,
+    encode,
+    event,
+    event_doc,
+    make_tenant,
+    snapshot,
+    spaced,
+)
 from worker import store as store_module
 from worker.errors import (
     DatabaseConflict,
@@ -22,7 +32,7 @@ from worker.errors import (
     Rejection,
     TransientError,
 )
-from worker.events import Event, decode
+from worker.events import Event, decode, exact_columns
 from worker.store import Outcome, Store
 
 
@@ -81,6 +91,82 @@ async def test_big_integers_are_kept_exact(store: Store, conn: asyncpg.Connectio
     await store.ingest([e])
     stored = await conn.fetchval("SELECT response->'usage'->>'prompt_tokens' FROM prompt_results")
     assert stored == "123456789012345678901234567890"
+
+
+def _forms(t: Tenant) -> list[bytes]:
+    """Bodies of every form: compact (COPY) and others (INSERT from the whole body)."""
+    compact = encode(
+        event_doc(t, request={"t": 0.1, "u": 'é ✓ \\ " \n'}, analysis_config={"w": [1.5]})
+    )
+    return [
+        compact,
+        encode(event_doc(t, analysis_config=None)),
+        orjson.dumps(orjson.loads(compact), option=orjson.OPT_INDENT_2),
+        encode(event_doc(t, request={"t": 1.5})).replace(b'"t":1.5', b'"t":1.50'),
+        encode(event_doc(t, request={"t": 100})).replace(b'"t":100', b'"t":1E2'),
+        encode(event_doc(t, request={"t": "é"})).replace("é".encode(), b"\\u00e9"),
+        encode(event_doc(t, response={"n": 1})).replace(b'"n":1', b'"n":-0.000'),
+    ]
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-batch", "one-by-one"])
+async def test_stored_json_is_what_postgresql_makes_of_the_body(
+    store: Store, conn: asyncpg.Connection, together: bool
+) -> None:
+    """Whatever the body's form and whichever way it is written (COPY of the exact texts
+    or INSERT parsing the whole body), the JSON columns are what jsonb makes of the body."""
+    t = await make_tenant(conn)
+    bodies = _forms(t)
+    events = [decode(b) for b in bodies]
+    assert all(isinstance(e, Event) for e in events)
+    assert [e.columns is not None for e in events] == [True, True] + [False] * 5  # type: ignore[union-attr]
+    if together:
+        await store.ingest(events)  # type: ignore[arg-type]
+    else:
+        for e in events:
+            await store.ingest([e])  # type: ignore[list-item]
+    for body, e in zip(bodies, events, strict=True):
+        stored = await conn.fetchrow(
+            "SELECT request::text, response::text, analysis_config::text"
+            " FROM prompt_results WHERE id = $1",
+            uuid.UUID(e.event_id),  # type: ignore[union-attr]
+        )
+        expected = await conn.fetchrow(
+            "SELECT (d -> 'request')::text, (d -> 'response')::text,"
+            " NULLIF(d -> 'analysis_config', 'null'::jsonb)::text"
+            " FROM (SELECT convert_from($1::bytea, 'UTF8')::jsonb AS d) AS s",
+            body,
+        )
+        assert tuple(stored) == tuple(expected)
+
+
+async def test_compact_batches_are_copied(
+    store: Store, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of compact bodies is written with COPY; one body of another form, or a batch
+    after a repeated event, sends the batch through INSERT; the rows are the same."""
+    copies: list[int] = []
+    copy = asyncpg.Connection.copy_records_to_table
+
+    async def counting(self: asyncpg.Connection, table: str, **kwargs: Any) -> str:
+        copies.append(len(kwargs["records"]))
+        result: str = await copy(self, table, **kwargs)
+        return result
+
+    monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting)
+    t = await make_tenant(conn)
+    assert (await store.ingest([event(t), event(t)])).stored == 2
+    assert copies == [2]
+    assert (await store.ingest([event(t), spaced(event(t))])).stored == 2
+    assert copies == [2]
+    e = event(t)
+    assert (await store.ingest([e, event(t)])).outcomes == [Outcome.STORED] * 2
+    assert copies == [2, 2]
+    assert (await store.ingest([event(t), e])).outcomes == [Outcome.STORED, Outcome.DUPLICATE]
+    assert copies == [2, 2, 2]  # the COPY failed on the repeat; INSERT ... ON CONFLICT did it
+    assert (await store.ingest([event(t)])).stored == 1
+    assert copies == [2, 2, 2]  # still the safe statement for a while after a repeat
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 8
 
 
 async def test_repeated_event_is_a_counted_duplicate(
@@ -188,15 +274,21 @@ async def test_soft_deleted_template_still_takes_results(
     assert (await store.ingest([event(t)])).outcomes == [Outcome.STORED]
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["copy", "insert"])
 async def test_data_error_is_isolated_by_splitting_the_batch(
-    store: Store, conn: asyncpg.Connection
+    store: Store, conn: asyncpg.Connection, compact: bool
 ) -> None:
-    """If PostgreSQL refuses an event the decoder let through, only that event is rejected."""
+    """If PostgreSQL refuses an event the decoder let through, only that event is rejected,
+    whether the batch was on its way through COPY or through INSERT."""
     t = await make_tenant(conn)
     good = [event(t, occurred_at=at(i)) for i in range(9)]
+    if not compact:
+        good = [spaced(e) for e in good]
     base = event(t)
     # Forge what the decoder would refuse: a NUL escape PostgreSQL cannot store.
-    bad = base._replace(body=encode(event_doc(t, request={"x": "\u0000"})))
+    body = encode(event_doc(t, request={"x": "\u0000"}))
+    bad = base._replace(body=body, columns=exact_columns(orjson.loads(body), body))
+    assert bad.columns is not None
     batch = [*good[:4], bad, *good[4:]]
     result = await store.ingest(batch)
     assert result.stored == 9
@@ -291,6 +383,8 @@ async def test_any_order_any_repeats_any_batches_same_tables(
             )
             for _ in range(n)
         ]
+        # Some bodies not in compact form: their batches go through INSERT, the rest COPY.
+        events = [spaced(e) if rng.random() < 0.2 else e for e in events]
         await Store(pool).ingest(sorted(events, key=lambda e: e.event_id))
         reference = await snapshot(conn)
         await conn.execute("TRUNCATE prompt_results, prompt_versions")

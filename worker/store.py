@@ -7,8 +7,16 @@ set-based SQL (arrays through ``unnest``), whatever the batch size:
    saves the round trip for templates already seen: those columns never change);
 2. events sharing a version key are collapsed in Python (a multi-row upsert may not touch a
    row twice), and the keys are sorted, so concurrent workers lock rows in the same order;
-3. one statement upserts ``prompt_versions`` and inserts ``prompt_results``
-   ``ON CONFLICT (id) DO NOTHING``, rows sorted by id (again: one lock order for all).
+3. version keys not seen before are inserted, the results are written, rows sorted by id
+   (again: one lock order for all), and the existing version rows are merged, last.
+
+The results are written one of three ways, each a single statement for the whole batch:
+COPY, when every body is compact JSON as orjson writes it (the decoder then kept the exact
+text of ``request``, ``response`` and ``analysis_config``: see
+:func:`worker.events.exact_columns`), which spares PostgreSQL parsing the rest of each
+body and inserts like COPY does; otherwise a plain ``INSERT ... SELECT`` from arrays that
+parses each whole body; and, for a while after a batch held an event already stored,
+``INSERT ... ON CONFLICT (id) DO NOTHING``, since a repeated id fails the other two.
 
 The version row is a pure function of the *set* of events: first_seen = least,
 last_seen = greatest, fingerprint_captured_at = greatest non-null, provider and model_id from
@@ -32,7 +40,7 @@ import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import asyncpg
 import orjson
@@ -137,11 +145,13 @@ class SQL:
         WHERE v.id = l.id
     """
 
-    # The results. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
+    # The results, for batches that cannot be COPYed (a body not in compact form) or may
+    # hold repeats. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
     # inserted concurrently by another worker is waited for, then skipped) and returns the
     # ids it inserted. INSERT_RESULTS_FAST is a plain INSERT: about 15% faster (no
     # speculative insertion, see bench/README.md), but one repeated event fails it with a
-    # unique violation; the store uses it while batches hold new events only.
+    # unique violation, as it fails COPY; the store uses either while batches hold new
+    # events only.
     # (An anti-join, WHERE NOT EXISTS, was tried and rejected: its plan depends on table
     # statistics, and a generic plan made while the table was small seq-scans it forever.)
     # $1..$4: per version key (org, workspace, template, version id); $5..$9: one row per
@@ -208,16 +218,37 @@ class IngestResult:
 # --- the pool -----------------------------------------------------------------------------
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+#: The first byte of jsonb's binary form: its format version.
+_JSONB_VERSION: Final = b"\x01"
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return _JSONB_VERSION + orjson.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return orjson.loads(memoryview(data)[1:])
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """Encode and decode json and jsonb with orjson on every pooled connection."""
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            name, encoder=_dumps, decoder=orjson.loads, schema="pg_catalog", format="text"
-        )
+    """Encode and decode json and jsonb with orjson on every pooled connection.
+
+    In the binary format (JSON text, after a version byte for jsonb), which COPY requires;
+    a value wrapped in :class:`orjson.Fragment` travels as the JSON text it already is.
+    """
+    await conn.set_type_codec(
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+
+
+async def _on_release(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool beyond what asyncpg always
+    does first (roll back a transaction left open): ingestion keeps no session state (no
+    SET, LISTEN, cursors or advisory locks), and the default reset query would cost a
+    round trip per batch."""
 
 
 async def create_pool(
@@ -241,6 +272,7 @@ async def create_pool(
             command_timeout=command_timeout,
             timeout=connect_timeout,
             init=init_connection,
+            reset=_on_release,
             server_settings={"application_name": "prompter-worker"},
         )
     except Exception as exc:
@@ -338,8 +370,15 @@ def backoff(attempt: int, cap: float) -> float:
 
 # --- ingestion --------------------------------------------------------------------------
 
+#: The columns of ``prompt_results`` a batch writes, in the order of COPY's records.
+RESULT_COLUMNS: Final = (
+    "id", "org_id", "workspace_id", "template_id", "version_id", "provider_version_key",
+    "system_fingerprint", "request", "response", "analysis_config", "created_at",
+)  # fmt: skip
+
 #: After a batch held a repeated event, this many batches use INSERT_RESULTS before trying
-#: INSERT_RESULTS_FAST again: replaying stored history costs one failed attempt per 16.
+#: COPY or INSERT_RESULTS_FAST again: replaying stored history costs one failed attempt
+#: per 16.
 SAFE_BATCHES_AFTER_REPEAT: Final = 16
 VersionKey = tuple[str, str, str, str]
 
@@ -484,9 +523,14 @@ class Store:
     ) -> set[str] | None:
         """Insert the result rows (``ids``: the version id of every key of the batch);
         the ids inserted, or None for all of them."""
+        rows = sorted(batch, key=_by_id)
+        if fast and all(e.columns is not None for e in rows):
+            await conn.copy_records_to_table(
+                "prompt_results", records=_copy_records(rows, ids), columns=RESULT_COLUMNS
+            )
+            return None
         keys = list(ids)
         position = {key: k for k, key in enumerate(keys, start=1)}
-        rows = sorted(batch, key=_by_id)
         lengths = [len(e.body) for e in rows]
         args = (
             [k[0] for k in keys],
@@ -636,3 +680,28 @@ def _collapse(
 
 def _by_id(e: Event) -> str:
     return e.event_id
+
+
+def _copy_records(rows: list[Event], ids: dict[VersionKey, str]) -> list[tuple[Any, ...]]:
+    """COPY's records for events that all have their ``columns``: the JSON values travel as
+    the exact text they have in the body (:class:`orjson.Fragment`), parsed once, by jsonb."""
+    fragment = orjson.Fragment
+    records = []
+    for e in rows:
+        request, response, analysis = cast(tuple[bytes, bytes, bytes | None], e.columns)
+        records.append(
+            (
+                e.event_id,
+                e.org_id,
+                e.workspace_id,
+                e.template_id,
+                ids[e.version_key],
+                e.provider_version_key,
+                e.system_fingerprint,
+                fragment(request),
+                fragment(response),
+                None if analysis is None else fragment(analysis),
+                e.occurred_at,
+            )
+        )
+    return records
