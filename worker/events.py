@@ -74,6 +74,10 @@ _REQUIRED_UUIDS: Final = ("event_id", "org_id", "workspace_id", "template_id")
 _REQUIRED_KEYS: Final = ("provider", "provider_version_key", "model_id")
 
 
+#: ``request``, ``response`` and ``analysis_config`` (None: JSON null or absent) as JSON text.
+JsonColumns = tuple[bytes, bytes, bytes | None]
+
+
 class Event(NamedTuple):
     """A valid prompt run event. UUIDs are canonical lowercase strings.
 
@@ -98,7 +102,7 @@ class Event(NamedTuple):
     system_fingerprint: str | None
     fingerprint_captured_at: datetime | None
     body: bytes
-    columns: tuple[bytes, bytes, bytes | None] | None = None
+    columns: JsonColumns | None = None
 
     @property
     def version_key(self) -> tuple[str, str, str, str]:
@@ -211,7 +215,7 @@ def validate(doc: dict[str, Any], body: bytes) -> Event | Rejection:
     )
 
 
-def exact_columns(doc: dict[str, Any], body: bytes) -> tuple[bytes, bytes, bytes | None] | None:
+def exact_columns(doc: dict[str, Any], body: bytes) -> JsonColumns | None:
     """``request``, ``response`` and ``analysis_config`` as their exact text in ``body``, or
     None when that cannot be had without a parser of our own.
 

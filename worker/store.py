@@ -1,7 +1,7 @@
 """PostgreSQL: the asyncpg pool and every SQL statement of ingestion, each named.
 
 :meth:`Store.ingest` turns a batch of valid events into rows in ONE transaction of
-set-based SQL (arrays through ``unnest``), whatever the batch size:
+set-based SQL (COPY, or arrays through ``unnest``), whatever the batch size:
 
 1. the templates of the batch are checked for tenancy (a cache of ``id -> (org, workspace)``
    saves the round trip for templates already seen: those columns never change);
@@ -54,7 +54,7 @@ from worker.errors import (
     Rejection,
     TransientError,
 )
-from worker.events import Event
+from worker.events import Event, JsonColumns
 
 
 class SQL:
@@ -524,9 +524,11 @@ class Store:
         """Insert the result rows (``ids``: the version id of every key of the batch);
         the ids inserted, or None for all of them."""
         rows = sorted(batch, key=_by_id)
-        if fast and all(e.columns is not None for e in rows):
+        texts = [e.columns for e in rows]
+        if fast and None not in texts:
+            records = _copy_records(rows, cast(list[JsonColumns], texts), ids)
             await conn.copy_records_to_table(
-                "prompt_results", records=_copy_records(rows, ids), columns=RESULT_COLUMNS
+                "prompt_results", records=records, columns=RESULT_COLUMNS
             )
             return None
         keys = list(ids)
@@ -682,13 +684,14 @@ def _by_id(e: Event) -> str:
     return e.event_id
 
 
-def _copy_records(rows: list[Event], ids: dict[VersionKey, str]) -> list[tuple[Any, ...]]:
-    """COPY's records for events that all have their ``columns``: the JSON values travel as
-    the exact text they have in the body (:class:`orjson.Fragment`), parsed once, by jsonb."""
+def _copy_records(
+    rows: list[Event], texts: list[JsonColumns], ids: dict[VersionKey, str]
+) -> list[tuple[Any, ...]]:
+    """COPY's records (``texts``: each event's ``columns``): the JSON values travel as the
+    exact text they have in the body (:class:`orjson.Fragment`), parsed once, by jsonb."""
     fragment = orjson.Fragment
     records = []
-    for e in rows:
-        request, response, analysis = cast(tuple[bytes, bytes, bytes | None], e.columns)
+    for e, (request, response, analysis) in zip(rows, texts, strict=True):
         records.append(
             (
                 e.event_id,
