@@ -168,11 +168,13 @@ class ConfirmedPublisher:
                             await asyncio.sleep(ahead)
                 await asyncio.gather(*tasks)
             except (aiormq.exceptions.AMQPError, ConnectionError, OSError):
-                self.reconnects += 1
+                pass  # the connection is gone: counted below, whichever way it ended
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(connection.close(), 5)
             todo.extendleft(reversed(failed))
+            if todo:  # the connection ended (by an error or a closed channel) with work left
+                self.reconnects += 1
 
     async def _one(
         self,
