@@ -17,6 +17,7 @@ from tests.factories import Tenant, encode, event_doc
 from tests.helpers import close_connections_named, drain, queue_depth, wait_until
 from worker import broker
 from worker.errors import BrokerUnavailable, ConfigError, Rejection, UnroutableError
+from worker.events import Event, decode
 from worker.publisher import Publisher, prepare
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
@@ -85,6 +86,21 @@ async def test_invalid_event_raises_with_its_reason_and_nothing_is_sent(
     assert caught.value.reason == reason
     assert field in caught.value.detail
     assert await queue_depth(topology["queue"]) == 0
+
+
+def test_dicts_are_written_in_the_form_the_store_copies() -> None:
+    """A dict the publisher writes (UUIDs, aware datetimes, floats, non-ASCII text) is in
+    orjson's compact form: the worker stores it through COPY, not by parsing the body."""
+    doc = {
+        **event_doc(TENANT),
+        "event_id": uuid.uuid4(),
+        "occurred_at": datetime(2025, 8, 14, 14, 13, 29, 123456, tzinfo=UTC),
+        "request": {"temperature": 0.1, "big": 1e300, "text": 'héllo ✓ \n "q"'},
+    }
+    decoded = decode(prepare(doc).body)
+    assert isinstance(decoded, Event)
+    assert decoded.columns is not None
+    assert orjson.loads(decoded.columns[0]) == doc["request"]
 
 
 def test_prepare_refuses_what_is_not_json_or_not_an_object() -> None:
