@@ -149,8 +149,9 @@ async def test_compact_batches_are_copied(
     copy = asyncpg.Connection.copy_records_to_table
 
     async def counting(self: asyncpg.Connection, table: str, **kwargs: Any) -> str:
-        copies.append(len(kwargs["records"]))
-        result: str = await copy(self, table, **kwargs)
+        records = list(kwargs.pop("records"))
+        copies.append(len(records))
+        result: str = await copy(self, table, records=records, **kwargs)
         return result
 
     monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting)

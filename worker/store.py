@@ -37,7 +37,7 @@ import contextlib
 import enum
 import itertools
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, cast
@@ -686,25 +686,24 @@ def _by_id(e: Event) -> str:
 
 def _copy_records(
     rows: list[Event], texts: list[JsonColumns], ids: dict[VersionKey, str]
-) -> list[tuple[Any, ...]]:
+) -> Iterator[tuple[Any, ...]]:
     """COPY's records (``texts``: each event's ``columns``): the JSON values travel as the
-    exact text they have in the body (:class:`orjson.Fragment`), parsed once, by jsonb."""
+    exact text they have in the body (:class:`orjson.Fragment`), parsed once, by jsonb.
+
+    A generator: asyncpg sends every 512 KiB as it goes, so building the later records
+    overlaps with the server storing the first ones."""
     fragment = orjson.Fragment
-    records = []
     for e, (request, response, analysis) in zip(rows, texts, strict=True):
-        records.append(
-            (
-                e.event_id,
-                e.org_id,
-                e.workspace_id,
-                e.template_id,
-                ids[e.version_key],
-                e.provider_version_key,
-                e.system_fingerprint,
-                fragment(request),
-                fragment(response),
-                None if analysis is None else fragment(analysis),
-                e.occurred_at,
-            )
+        yield (
+            e.event_id,
+            e.org_id,
+            e.workspace_id,
+            e.template_id,
+            ids[e.version_key],
+            e.provider_version_key,
+            e.system_fingerprint,
+            fragment(request),
+            fragment(response),
+            None if analysis is None else fragment(analysis),
+            e.occurred_at,
         )
-    return records
