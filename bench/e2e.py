@@ -74,20 +74,40 @@ class Names:
 
 @contextlib.asynccontextmanager
 async def topology() -> AsyncIterator[Names]:
-    """Fresh names, declared; deleted afterwards."""
+    """Fresh names, declared; deleted afterwards, each on its own, on a fresh connection (one
+    held through a long run may have been closed meanwhile), saying what could not be."""
     names = Names.fresh()
     connection = await aiormq.connect(AMQP_URL)
     try:
         await broker.open_topology(connection, names.topology(), passive=False)
+    finally:
+        await connection.close()
+    try:
         yield names
     finally:
-        with contextlib.suppress(Exception):
-            channel = await connection.channel()
-            for q in (names.queue, names.replay_queue, names.dead_letter_queue):
-                await channel.queue_delete(q)
-            for e in (names.exchange, names.dead_letter_exchange):
-                await channel.exchange_delete(e)
-        await connection.close()
+        left = []
+        connection = await aiormq.connect(AMQP_URL)
+        try:
+            for kind, name in (
+                ("queue", names.queue),
+                ("queue", names.replay_queue),
+                ("queue", names.dead_letter_queue),
+                ("exchange", names.exchange),
+                ("exchange", names.dead_letter_exchange),
+            ):
+                try:
+                    channel = await connection.channel()
+                    if kind == "queue":
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                    await channel.close()
+                except Exception as exc:  # reported below; the others still go
+                    left.append(f"{kind} {name} ({type(exc).__name__}: {exc})")
+        finally:
+            await connection.close()
+        if left:
+            print(f"  warning: left on the broker: {'; '.join(left)}", flush=True)
 
 
 async def prefill(
