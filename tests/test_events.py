@@ -336,6 +336,9 @@ def test_compact_bodies_carry_their_json_columns_exactly() -> None:
         for text in out.columns:
             assert text is not None
             assert text in body
+    skipped = decode(body, columns=False)  # what the publisher asks for: it only validates
+    assert isinstance(skipped, Event)
+    assert skipped.columns is None
     absent = without("analysis_config")
     for d in (doc(analysis_config=None), absent):
         out = decode(encode(d))

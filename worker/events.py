@@ -113,8 +113,13 @@ class Event(NamedTuple):
         return f"Event(event_id={self.event_id!r}, occurred_at={self.occurred_at!r})"
 
 
-def decode(body: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event | Rejection:
-    """Decode one message body (or JSONL line) into an :class:`Event`, or say why not."""
+def decode(
+    body: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES, *, columns: bool = True
+) -> Event | Rejection:
+    """Decode one message body (or JSONL line) into an :class:`Event`, or say why not.
+
+    ``columns=False`` leaves :attr:`Event.columns` None: only the store uses them, so a
+    caller that validates and sends the body on (the publisher) skips their cost."""
     if len(body) > max_bytes:
         return Rejection(
             PAYLOAD_TOO_LARGE, f"body is {len(body)} bytes, more than the limit of {max_bytes}"
@@ -125,10 +130,10 @@ def decode(body: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Event | Rej
         return Rejection(INVALID_JSON, str(exc))
     if type(doc) is not dict:
         return Rejection(NOT_AN_OBJECT, f"the document is a JSON {_json_type(doc)}, not an object")
-    return validate(doc, body)
+    return validate(doc, body, columns=columns)
 
 
-def validate(doc: dict[str, Any], body: bytes) -> Event | Rejection:
+def validate(doc: dict[str, Any], body: bytes, *, columns: bool = True) -> Event | Rejection:
     """Check a parsed document against the contract; ``body`` is its original bytes."""
     get = doc.get
     ids: list[str] = []
@@ -211,7 +216,7 @@ def validate(doc: dict[str, Any], body: bytes) -> Event | Rejection:
         fingerprint,
         captured_at,
         body,
-        exact_columns(doc, body),
+        exact_columns(doc, body) if columns else None,
     )
 
 

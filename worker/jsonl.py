@@ -202,15 +202,18 @@ class Reader:
             if not chunk or chunk.endswith(b"\n"):
                 return
 
-    def events(self, *, after: int = 0) -> Iterator[tuple[int, Event | Rejection]]:
-        """Each non-blank line decoded: ``(line number, Event or Rejection)``."""
+    def events(
+        self, *, after: int = 0, columns: bool = True
+    ) -> Iterator[tuple[int, Event | Rejection]]:
+        """Each non-blank line decoded: ``(line number, Event or Rejection)``; ``columns``
+        as for :func:`worker.events.decode`."""
         max_bytes = self.max_bytes
         decode = events.decode
         for number, line in self.lines(after=after):
             if isinstance(line, Rejection):
                 yield number, line
             else:
-                yield number, decode(line, max_bytes)
+                yield number, decode(line, max_bytes, columns=columns)
 
 
 def _why(exc: BaseException) -> str:

@@ -124,7 +124,7 @@ def prepare(event: EventInput, *, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTE
             events.NOT_AN_OBJECT,
             f"an event is a dict or JSON bytes, not {type(event).__name__}",
         )
-    decoded = events.decode(body, max_bytes)
+    decoded = events.decode(body, max_bytes, columns=False)  # validated, sent as is
     if isinstance(decoded, Rejection):
         raise decoded
     return Prepared.from_event(decoded)

@@ -252,14 +252,21 @@ class _Run:
         )
 
     def valid_events(
-        self, inp: _Input, file: FileReport, mark: Watermark, reader: jsonl.Reader
+        self,
+        inp: _Input,
+        file: FileReport,
+        mark: Watermark,
+        reader: jsonl.Reader,
+        *,
+        columns: bool,
     ) -> Iterator[tuple[int, Event]]:
-        """The valid events of one file after its checkpoint, with their line numbers.
+        """The valid events of one file after its checkpoint, with their line numbers
+        (``columns``: whether the store will write them, see :func:`worker.events.decode`).
         Invalid lines are reported and settled here; it ends early on a failure or a stop.
         ``self.eof`` tells afterwards whether the file was read to its end (False too when
         the caller broke off)."""
         self.eof = False
-        for line, item in reader.events(after=inp.after):
+        for line, item in reader.events(after=inp.after, columns=columns):
             if self.failure or self.stop.is_set():
                 return
             if isinstance(item, Rejection):
@@ -404,7 +411,7 @@ async def publish_files(
                 continue
             file, mark = started
             with jsonl.Reader(inp.name, max_bytes=max_bytes) as reader:
-                for line, event in run.valid_events(inp, file, mark, reader):
+                for line, event in run.valid_events(inp, file, mark, reader, columns=False):
                     if publisher is None:
                         mark.skip(line)
                         continue
@@ -532,7 +539,9 @@ async def ingest_files(
             file, mark = started
             batch: list[tuple[int, Event]] = []
             with jsonl.Reader(inp.name, max_bytes=max_bytes) as reader:
-                for line, event in run.valid_events(inp, file, mark, reader):
+                for line, event in run.valid_events(
+                    inp, file, mark, reader, columns=store is not None
+                ):
                     if store is None:
                         mark.skip(line)
                         continue
