@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 from pamqp import commands as spec
 
-from bench.harness import AMQP_URL, Series, truncate
+from bench.harness import AMQP_URL, Series, delete_topology, truncate
 from worker import broker
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -74,8 +74,7 @@ class Names:
 
 @contextlib.asynccontextmanager
 async def topology() -> AsyncIterator[Names]:
-    """Fresh names, declared; deleted afterwards, each on its own, on a fresh connection (one
-    held through a long run may have been closed meanwhile), saying what could not be."""
+    """Fresh names, declared; deleted afterwards (:func:`bench.harness.delete_topology`)."""
     names = Names.fresh()
     connection = await aiormq.connect(AMQP_URL)
     try:
@@ -85,29 +84,7 @@ async def topology() -> AsyncIterator[Names]:
     try:
         yield names
     finally:
-        left = []
-        connection = await aiormq.connect(AMQP_URL)
-        try:
-            for kind, name in (
-                ("queue", names.queue),
-                ("queue", names.replay_queue),
-                ("queue", names.dead_letter_queue),
-                ("exchange", names.exchange),
-                ("exchange", names.dead_letter_exchange),
-            ):
-                try:
-                    channel = await connection.channel()
-                    if kind == "queue":
-                        await channel.queue_delete(name)
-                    else:
-                        await channel.exchange_delete(name)
-                    await channel.close()
-                except Exception as exc:  # reported below; the others still go
-                    left.append(f"{kind} {name} ({type(exc).__name__}: {exc})")
-        finally:
-            await connection.close()
-        if left:
-            print(f"  warning: left on the broker: {'; '.join(left)}", flush=True)
+        await delete_topology(names.topology())
 
 
 async def prefill(

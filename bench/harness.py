@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import aiormq
 import asyncpg
 
-from worker import migrations
+from worker import broker, migrations
 
 ADMIN_URL = os.environ.get(
     "PROMPTER_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -50,6 +51,34 @@ async def truncate(url: str) -> None:
         await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
+
+
+async def delete_topology(topology: broker.Topology) -> None:
+    """Delete a run's queues and exchanges, each on its own, on a fresh connection (one held
+    through a long run may have been closed meanwhile), saying what could not be."""
+    left = []
+    connection = await aiormq.connect(AMQP_URL)
+    try:
+        for kind, name in (
+            ("queue", topology.queue),
+            ("queue", topology.replay_queue),
+            ("queue", topology.dead_letter_queue),
+            ("exchange", topology.exchange),
+            ("exchange", topology.dead_letter_exchange),
+        ):
+            try:
+                channel = await connection.channel()
+                if kind == "queue":
+                    await channel.queue_delete(name)
+                else:
+                    await channel.exchange_delete(name)
+                await channel.close()
+            except Exception as exc:  # reported below; the others still go
+                left.append(f"{kind} {name} ({type(exc).__name__}: {exc})")
+    finally:
+        await connection.close()
+    if left:
+        print(f"  warning: left on the broker: {'; '.join(left)}", flush=True)
 
 
 @dataclass

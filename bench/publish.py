@@ -27,11 +27,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
-import aiormq
 import asyncpg
 
 from bench.data import make_events, make_templates, register_templates
-from bench.harness import AMQP_URL, Series, interleaved, scratch_database
+from bench.harness import AMQP_URL, Series, delete_topology, interleaved, scratch_database
 from worker import broker, replay
 from worker.config import Settings
 from worker.publisher import DEFAULT_WINDOW, Publisher
@@ -63,15 +62,7 @@ async def throwaway_topology() -> AsyncIterator[broker.Topology]:
     try:
         yield topology
     finally:
-        connection = await aiormq.connect(AMQP_URL)
-        try:
-            channel = await connection.channel()
-            for queue in (topology.queue, topology.replay_queue, topology.dead_letter_queue):
-                await channel.queue_delete(queue)
-            for exchange in (topology.exchange, topology.dead_letter_exchange):
-                await channel.exchange_delete(exchange)
-        finally:
-            await connection.close()
+        await delete_topology(topology)
 
 
 async def _publish_run(bodies: list[bytes], window: int | None) -> float:
