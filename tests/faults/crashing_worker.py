@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from worker import events
 from worker.cli import main
@@ -19,13 +20,14 @@ EXIT_CODE = 70
 _decode = events.decode
 
 
-def _crashing_decode(body: bytes, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTES) -> object:
+def _crashing_decode(body: bytes, *args: Any, **kwargs: Any) -> object:
     if MARKER in body:
         os._exit(EXIT_CODE)
-    return _decode(body, max_bytes)
+    return _decode(body, *args, **kwargs)
 
-
-events.decode = _crashing_decode  # type: ignore[assignment]
 
 if __name__ == "__main__":
+    # Only in the worker process: the test process imports this module for MARKER, and must
+    # keep the real decoder.
+    events.decode = _crashing_decode  # type: ignore[assignment]
     sys.exit(main(["run"]))
