@@ -15,13 +15,18 @@ Policies beyond the table of fields (documented in ``docs/events.md``):
 - ``\\u0000`` anywhere in the document is refused (``unstorable_content``), since neither
   ``jsonb`` nor ``text`` can hold it; the detail names the JSON path;
 - the three key strings (``provider``, ``provider_version_key``, ``model_id``) are
-  non-blank and at most :data:`MAX_KEY_LENGTH` characters (they live in a B-tree index).
+  non-blank and at most :data:`MAX_KEY_LENGTH` characters (they live in a B-tree index);
+- ``occurred_at`` and ``fingerprint_captured_at`` must be representable in UTC by both
+  Python and PostgreSQL (years 1 to 9999 once converted to UTC: ``9999-12-31T23:59:59-01:00``
+  is not), and lie at most ``max_future_seconds`` (:data:`DEFAULT_MAX_FUTURE_SECONDS`)
+  after the decoder's clock: a far-future time would pin a version's ``last_seen_at``,
+  provider and model forever.
 """
 
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -29,10 +34,12 @@ import orjson
 from worker.errors import Rejection
 
 SCHEMA_VERSION: Final = 1
-DEFAULT_MAX_EVENT_BYTES: Final = 1_048_576
+DEFAULT_MAX_EVENT_BYTES: Final = 16 * 1_048_576
 MAX_KEY_LENGTH: Final = 512
+DEFAULT_MAX_FUTURE_SECONDS: Final = 86_400.0
 
-# Machine reasons. Decoding produces the first seven; the store adds the last three.
+# Machine reasons. Decoding produces the first seven, the store the next two, and the
+# worker's intake the last two (from the AMQP message rather than its body).
 INVALID_JSON: Final = "invalid_json"
 NOT_AN_OBJECT: Final = "not_an_object"
 MISSING_FIELD: Final = "missing_field"
@@ -43,6 +50,8 @@ UNSTORABLE_CONTENT: Final = "unstorable_content"
 UNSUPPORTED_CONTENT_TYPE: Final = "unsupported_content_type"
 UNKNOWN_TEMPLATE: Final = "unknown_template"
 TEMPLATE_TENANT_MISMATCH: Final = "template_tenant_mismatch"
+INVALID_PROPERTIES: Final = "invalid_properties"
+DELIVERY_LIMIT: Final = "delivery_limit"
 
 REASONS: Final = (
     INVALID_JSON,
@@ -55,6 +64,8 @@ REASONS: Final = (
     UNSUPPORTED_CONTENT_TYPE,
     UNKNOWN_TEMPLATE,
     TEMPLATE_TENANT_MISMATCH,
+    INVALID_PROPERTIES,
+    DELIVERY_LIMIT,
 )
 
 ACCEPTED_CONTENT_TYPES: Final = frozenset({"application/json", "application/json; charset=utf-8"})
@@ -114,12 +125,19 @@ class Event(NamedTuple):
 
 
 def decode(
-    body: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES, *, columns: bool = True
+    body: bytes,
+    max_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    *,
+    columns: bool = True,
+    max_future_seconds: float = DEFAULT_MAX_FUTURE_SECONDS,
+    now: datetime | None = None,
 ) -> Event | Rejection:
     """Decode one message body (or JSONL line) into an :class:`Event`, or say why not.
 
     ``columns=False`` leaves :attr:`Event.columns` None: only the store uses them, so a
-    caller that validates and sends the body on (the publisher) skips their cost."""
+    caller that validates and sends the body on (the publisher) skips their cost.
+    Timestamps more than ``max_future_seconds`` after ``now`` (default: the clock) are
+    refused."""
     if len(body) > max_bytes:
         return Rejection(
             PAYLOAD_TOO_LARGE, f"body is {len(body)} bytes, more than the limit of {max_bytes}"
@@ -130,11 +148,15 @@ def decode(
         return Rejection(INVALID_JSON, str(exc))
     if type(doc) is not dict:
         return Rejection(NOT_AN_OBJECT, f"the document is a JSON {_json_type(doc)}, not an object")
-    return validate(doc, body, columns=columns)
+    latest = (now or datetime.now(UTC)) + timedelta(seconds=max_future_seconds)
+    return validate(doc, body, columns=columns, latest=latest)
 
 
-def validate(doc: dict[str, Any], body: bytes, *, columns: bool = True) -> Event | Rejection:
-    """Check a parsed document against the contract; ``body`` is its original bytes."""
+def validate(
+    doc: dict[str, Any], body: bytes, *, columns: bool = True, latest: datetime | None = None
+) -> Event | Rejection:
+    """Check a parsed document against the contract; ``body`` is its original bytes;
+    ``latest`` is the latest acceptable timestamp (None: no bound)."""
     get = doc.get
     ids: list[str] = []
     for name in _REQUIRED_UUIDS:
@@ -159,14 +181,14 @@ def validate(doc: dict[str, Any], body: bytes, *, columns: bool = True) -> Event
     occurred = get("occurred_at")
     if occurred is None:
         return _missing(doc, "occurred_at", "an RFC 3339 timestamp")
-    occurred_at = _timestamp(occurred)
+    occurred_at = _timestamp(occurred, latest)
     if isinstance(occurred_at, str):
         return Rejection(INVALID_FIELD, f'"occurred_at" {occurred_at}')
 
     captured = get("fingerprint_captured_at")
     captured_at: datetime | None = None
     if captured is not None:
-        parsed = _timestamp(captured)
+        parsed = _timestamp(captured, latest)
         if isinstance(parsed, str):
             return Rejection(INVALID_FIELD, f'"fingerprint_captured_at" {parsed}')
         captured_at = parsed
@@ -264,16 +286,23 @@ def check_properties(content_type: str | None, content_encoding: str | None) -> 
     return None
 
 
-def _timestamp(value: object) -> datetime | str:
+def _timestamp(value: object, latest: datetime | None) -> datetime | str:
     """A timezone-aware datetime, or a string saying what is wrong with ``value``."""
     if type(value) is not str or not _RFC3339.fullmatch(value):
         return "must be an RFC 3339 timestamp with an offset, like 2025-08-14T14:13:29Z"
     if "t" in value or "z" in value:  # RFC 3339 allows lower case; fromisoformat does not
         value = value.upper()
     try:
-        return datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value)
     except ValueError as exc:
         return f"is not a real date and time ({exc})"
+    try:
+        parsed.astimezone(UTC)
+    except OverflowError:
+        return "is out of range: in UTC it falls outside the years 1 to 9999"
+    if latest is not None and parsed > latest:
+        return f"lies in the future (later than {latest.isoformat(timespec='seconds')})"
+    return parsed
 
 
 def _missing(doc: dict[str, Any], name: str, kind: str) -> Rejection:
