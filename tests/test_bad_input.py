@@ -245,7 +245,7 @@ async def _worker_waits(conn: asyncpg.Connection) -> bool:
 
 
 async def _held(worker: Worker, n: int) -> bool:
-    return worker.current is not None and sum(s.held for s in worker.current.sources) >= n
+    return sum(s.held for s in worker.session.sources) >= n
 
 
 async def _at_least(conn: asyncpg.Connection, n: int) -> bool:

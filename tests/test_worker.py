@@ -60,7 +60,7 @@ async def _rows(conn: asyncpg.Connection, n: int) -> bool:
 
 
 async def _all_acked(worker: Worker) -> bool:
-    return worker.current is not None and all(s.held == 0 for s in worker.current.sources)
+    return bool(worker.session.sources) and all(s.held == 0 for s in worker.session.sources)
 
 
 async def test_poison_messages_are_dead_lettered_and_neighbours_stored(
@@ -216,7 +216,7 @@ async def test_broker_connection_closed_mid_stream(
         for k in (1, 2):
             await wait_until(lambda: _is_ready(worker), message="consuming")
             await asyncio.sleep(0.3)
-            closed += await asyncio.to_thread(close_connections_named, name)
+            closed += await asyncio.to_thread(close_connections_named, f"{name}-consumer")
             await wait_until(
                 lambda k=k: _metric(worker, "prompter_reconnects_total", k, server="broker"),
                 within=20,
@@ -265,7 +265,7 @@ async def test_stop_with_a_batch_in_flight_commits_and_acks_it(
 
 
 async def _held(worker: Worker, n: int) -> bool:
-    return worker.current is not None and sum(s.held for s in worker.current.sources) >= n
+    return sum(s.held for s in worker.session.sources) >= n
 
 
 async def test_replayed_events_use_their_own_queue_and_live_goes_first(

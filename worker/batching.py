@@ -1,21 +1,23 @@
-"""Cutting deliveries into batches, and owing acknowledgements: pure bookkeeping, no I/O.
+"""Cutting deliveries into batches, bounded in count and in bytes: pure bookkeeping, no I/O.
 
-:class:`Dispatcher` buffers deliveries (bounded by the prefetch counts) and hands out
-batches of at most ``batch_size``, or whatever has waited ``batch_wait`` seconds, so batches
-grow with the load. (Sending whatever is at hand whenever no batch is in flight was tried:
-it makes hundreds of tiny transactions per second, whose fsyncs slow the broker sharing the
-disk, and tripled the latency tail; bench/README.md.) Live deliveries go before replayed
-ones, so backfill never starves live traffic.
+:class:`Dispatcher` buffers deliveries and hands out batches of at most ``batch_size``
+events and ``batch_bytes`` bytes (a single event larger than that goes alone), or
+whatever has waited ``batch_wait`` seconds, so batches grow with the load. (Sending
+whatever is at hand whenever no batch is in flight was tried: it makes hundreds of tiny
+transactions per second, whose fsyncs slow the broker sharing the disk, and tripled the
+latency tail; bench/README.md.) Live deliveries go before replayed ones, so backfill never
+starves live traffic.
 
-Suspects: a delivery the broker has handed out at least twice before
-(``x-delivery-count >= 2``) may be the one that killed its previous consumers. It is
+**Bytes held.** Every delivery's size counts from the moment it is buffered until its
+batch is done (committed, dead-lettered or abandoned) or it is dropped. When the count
+reaches ``budget``, :attr:`Dispatcher.on_full` is called (the session stops reading from
+the broker); once it falls to three quarters of the budget, :attr:`Dispatcher.on_room`.
+That is what bounds the worker's memory in bytes, whatever the event sizes.
+
+**Suspects**: a delivery the broker has handed out at least twice before
+(``delivery_count >= 2``) may be the one that killed its previous consumers. It is
 processed alone, with nothing else in flight, lowest delivery count first, so a message
-that crashes the process takes no innocent neighbour's commit with it; the broker's
-delivery limit then dead-letters it.
-
-:class:`Source` tracks one consuming channel's acknowledgements: tags complete in any
-order (two batches commit concurrently), and the multiple-ack watermark only moves over a
-contiguous run of completed tags.
+that crashes the process takes no innocent neighbour's commit with it.
 """
 
 from __future__ import annotations
@@ -23,81 +25,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Final
 
-from worker.amqp import ConsumerProtocol, Delivery
+from worker.acks import Source
+from worker.amqp import Delivery
 
-SUSPECT_AFTER: Final = 2  # x-delivery-count from which a delivery is processed alone
+SUSPECT_AFTER: Final = 2  # delivery_count from which a delivery is processed alone
 # Suspects are picked once none arrived for this long: the whole redelivered window is then
 # at hand, so the alternating order really covers all of it.
 SUSPECT_SETTLE_SECONDS: Final = 0.05
+#: Reading resumes once the bytes held fall to this share of the budget.
+RESUME_AT: Final = 0.75
 
 
-class Source:
-    """One consuming channel: its queue, and the acknowledgements owed on it.
+class Held:
+    """A delivery in the worker's hands: where it came from, and when it arrived."""
 
-    Delivery tags on a channel count up from 1. ``acked`` is the watermark: every tag up to
-    it has been acknowledged (multiple-ack). Completed tags above a gap wait in ``done``,
-    unless :meth:`strand` acks them one by one (``singly``): a suspect can hold a gap open
-    across crashes, and what waits behind it must not be redelivered with it.
-    """
+    __slots__ = ("arrived", "delivery", "source")
 
-    def __init__(
-        self, protocol: ConsumerProtocol | None, channel: int, queue: str, *, replay: bool
-    ) -> None:
-        self.protocol = protocol
-        self.channel = channel
-        self.queue = queue
-        self.replay = replay
-        self.open = True
-        self.acked = 0
-        self.received = 0
-        self.done: set[int] = set()
-        self.singly: set[int] = set()
-        self.consumer_tag: str | None = None
-
-    def complete(self, tags: Sequence[int]) -> int | None:
-        """Mark tags committed; move the watermark over them. Returns the tag to ack with
-        ``multiple`` (the highest newly covered tag not already acked singly), or None."""
-        self.done.update(tags)
-        mark = self.acked
-        done, singly = self.done, self.singly
-        last = None
-        while True:
-            if mark + 1 in done:
-                done.discard(mark + 1)
-                last = mark + 1
-            elif mark + 1 in singly:
-                singly.discard(mark + 1)
-            else:
-                break
-            mark += 1
-        self.acked = mark
-        return last
-
-    def strand(self) -> list[int]:
-        """The completed tags waiting above a gap, now to be acked one by one."""
-        tags = sorted(self.done)
-        self.singly.update(tags)
-        self.done.clear()
-        return tags
-
-    @property
-    def held(self) -> int:
-        return self.received - self.acked - len(self.singly)
+    def __init__(self, source: Source, delivery: Delivery, arrived: float) -> None:
+        self.source = source
+        self.delivery = delivery
+        self.arrived = arrived
 
 
-# A delivery in the buffers: (source, delivery, arrival time on the loop clock).
-Held = tuple[Source, Delivery, float]
+def _nothing() -> None:
+    return None
 
 
 class Dispatcher:
     """Buffers deliveries and cuts them into batches (see the module docstring)."""
 
-    def __init__(self, batch_size: int, batch_wait: float) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        batch_wait: float,
+        *,
+        batch_bytes: int = 1 << 62,
+        budget: int = 1 << 62,
+    ) -> None:
         self.batch_size = batch_size
         self.batch_wait = batch_wait
+        self.batch_bytes = batch_bytes
+        self.budget = budget
         self.live: deque[Held] = deque()
         self.replay: deque[Held] = deque()
         self.suspects: list[tuple[int, int, Held]] = []
@@ -105,6 +76,10 @@ class Dispatcher:
         self.exclusive = False
         self.draining = False
         self.closed = False
+        self.held_bytes = 0
+        self.full = False
+        self.on_full: Callable[[], None] = _nothing
+        self.on_room: Callable[[], None] = _nothing
         self._suspect_turn = False
         self._seq = 0
         self._last_suspect = 0.0
@@ -114,7 +89,11 @@ class Dispatcher:
     def add(self, source: Source, delivery: Delivery, now: float) -> None:
         """Take a delivery (called for every message: keep it cheap)."""
         source.received += 1
-        item = (source, delivery, now)
+        item = Held(source, delivery, now)
+        self.held_bytes += delivery.size
+        if self.held_bytes >= self.budget and not self.full:
+            self.full = True
+            self.on_full()
         if delivery.delivery_count >= SUSPECT_AFTER:
             self._seq += 1
             self._last_suspect = now
@@ -127,6 +106,16 @@ class Dispatcher:
         if n == 1 or n >= self.batch_size:
             self._arrived.set()
 
+    def release(self, batch: list[Held]) -> None:
+        """A batch is done with: its bytes no longer count."""
+        self.held_bytes -= sum(h.delivery.size for h in batch)
+        self._check_room()
+
+    def _check_room(self) -> None:
+        if self.full and self.held_bytes <= self.budget * RESUME_AT:
+            self.full = False
+            self.on_room()
+
     @property
     def buffered(self) -> int:
         return len(self.live) + len(self.replay) + len(self.suspects)
@@ -134,12 +123,21 @@ class Dispatcher:
     def wake(self) -> None:
         self._arrived.set()
 
+    def close(self) -> None:
+        """Stop handing out batches (a forced stop): waiting processors return None."""
+        self.closed = True
+        self._arrived.set()
+
     def drop(self, source: Source) -> int:
         """Forget buffered deliveries of a closed channel; the broker redelivers them."""
         before = self.buffered
-        self.live = deque(d for d in self.live if d[0] is not source)
-        self.replay = deque(d for d in self.replay if d[0] is not source)
-        self.suspects = [s for s in self.suspects if s[2][0] is not source]
+        gone = [h for h in self.live if h.source is source]
+        gone += [h for h in self.replay if h.source is source]
+        gone += [s[2] for s in self.suspects if s[2].source is source]
+        self.live = deque(h for h in self.live if h.source is not source)
+        self.replay = deque(h for h in self.replay if h.source is not source)
+        self.suspects = [s for s in self.suspects if s[2].source is not source]
+        self.release(gone)
         self._arrived.set()
         return before - self.buffered
 
@@ -157,10 +155,27 @@ class Dispatcher:
     def _take(self) -> list[Held]:
         batch: list[Held] = []
         size = self.batch_size
+        room = self.batch_bytes
         for queue in (self.live, self.replay):
             while queue and len(batch) < size:
+                bytes_ = queue[0].delivery.size
+                if batch and bytes_ > room:
+                    return batch  # the next one would overflow: it starts the next batch
                 batch.append(queue.popleft())
+                room -= bytes_
         return batch
+
+    def _ready(self, n: int) -> bool:
+        """Whether the buffered deliveries make a batch full enough to go now."""
+        if n >= self.batch_size:
+            return True
+        total = 0
+        for queue in (self.live, self.replay):
+            for h in queue:
+                total += h.delivery.size
+                if total >= self.batch_bytes:
+                    return True
+        return False
 
     async def next_batch(self) -> list[Held] | None:
         """The next batch to process, or None once closed (or drained while draining)."""
@@ -186,10 +201,10 @@ class Dispatcher:
                         return [self._pick_suspect()]
                     timeout = settle
                 if n and not self.exclusive and not suspects_turn:
-                    oldest = min(q[0][2] for q in (self.live, self.replay) if q)
+                    oldest = min(q[0].arrived for q in (self.live, self.replay) if q)
                     due = oldest + self.batch_wait
                     now = loop.time()
-                    if n >= self.batch_size or now >= due or self.draining:
+                    if now >= due or self.draining or self.full or self._ready(n):
                         self.inflight += 1
                         self._suspect_turn = bool(self.suspects)
                         return self._take()

@@ -22,6 +22,7 @@ from worker.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+MIB: Final = 1_048_576
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/prompter"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -253,10 +254,30 @@ class Settings:
         _int_range(0, 60_000),
     )
     max_event_bytes: int = setting(
-        1_048_576,
+        16 * MIB,
         "PROMPTER_MAX_EVENT_BYTES",
-        "Largest event body accepted; larger ones are rejected before parsing.",
-        _int_range(256, 128 * 1_048_576),
+        "Largest event body accepted (RabbitMQ 4's default message size limit); larger "
+        "ones are refused unread and dead-lettered by the broker.",
+        _int_range(256, 128 * MIB),
+    )
+    max_held_bytes: int = setting(
+        64 * MIB,
+        "PROMPTER_MAX_HELD_BYTES",
+        "Bytes of messages the worker holds at most (received, not yet acked); it stops "
+        "reading from the broker at this mark. At least twice PROMPTER_MAX_EVENT_BYTES.",
+        _int_range(MIB, 64 * 1024 * MIB),
+    )
+    batch_max_bytes: int = setting(
+        8 * MIB,
+        "PROMPTER_BATCH_MAX_BYTES",
+        "Most bytes of events written in one transaction (a larger single event goes alone).",
+        _int_range(64 * 1024, 64 * 1024 * MIB),
+    )
+    max_future_seconds: float = setting(
+        86_400.0,
+        "PROMPTER_MAX_FUTURE_SECONDS",
+        "How far in the future occurred_at and fingerprint_captured_at may lie.",
+        _float_range(0, 10 * 365 * 86_400),
     )
     db_pool_size: int = setting(
         2, "PROMPTER_DB_POOL_SIZE", "PostgreSQL connections per worker process.", _int_range(1, 100)
@@ -352,6 +373,17 @@ class Settings:
             problems.append(
                 f"PROMPTER_BATCH_SIZE ({self.batch_size}) must not exceed PROMPTER_PREFETCH "
                 f"({self.prefetch}): a batch could never fill"
+            )
+        if self.max_held_bytes < 2 * self.max_event_bytes:
+            problems.append(
+                f"PROMPTER_MAX_HELD_BYTES ({self.max_held_bytes}) must be at least twice "
+                f"PROMPTER_MAX_EVENT_BYTES ({self.max_event_bytes}): one event must fit while "
+                "the previous batch is written"
+            )
+        if self.batch_max_bytes > self.max_held_bytes:
+            problems.append(
+                f"PROMPTER_BATCH_MAX_BYTES ({self.batch_max_bytes}) must not exceed "
+                f"PROMPTER_MAX_HELD_BYTES ({self.max_held_bytes})"
             )
         if self.dead_letter_exchange == self.exchange:
             problems.append("PROMPTER_DEAD_LETTER_EXCHANGE must differ from PROMPTER_EXCHANGE")

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.exposition import ThreadingWSGIServer
 
 LIVENESS_STALE_SECONDS = 30.0
+#: Problems that make the worker unready even while it is connected and consuming.
+BLOCKING = frozenset({"dead_letter"})
 
 _BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -71,6 +73,16 @@ class Metrics:
         self.inflight = Gauge(
             "prompter_deliveries_held", "Deliveries received and not yet acked.", registry=r
         )
+        self.bytes_held = Gauge(
+            "prompter_bytes_held",
+            "Bytes of messages received and not yet acked (bounded by PROMPTER_MAX_HELD_BYTES).",
+            registry=r,
+        )
+        self.reading_paused = Gauge(
+            "prompter_reading_paused",
+            "1 while the worker holds its byte budget and has stopped reading from the broker.",
+            registry=r,
+        )
         self.dropped = Counter(
             "prompter_deliveries_dropped",
             "Deliveries dropped because their channel closed (the broker redelivers them).",
@@ -99,7 +111,11 @@ class Health:
     @property
     def ready(self) -> bool:
         return (
-            self.broker_connected and self.database_ok and self.consumers > 0 and not self.stopping
+            self.broker_connected
+            and self.database_ok
+            and self.consumers > 0
+            and not self.stopping
+            and not BLOCKING.intersection(self.problems)
         )
 
     def report(self) -> dict[str, Any]:

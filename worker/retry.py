@@ -1,0 +1,84 @@
+"""One retry policy for everything that retries a transient fault (:mod:`worker.errors`):
+the worker's database and broker sessions, each batch, dead-lettering, ``replay --direct``
+and the publisher library.
+
+- **What is retried**: :class:`~worker.errors.TransientError` only (a lost or refused
+  connection, a restart, a deadlock, a missing table while a migration runs). Permanent
+  errors (:class:`~worker.errors.PermanentError`: rejections, unroutable or nacked
+  publishes, bad input) are never retried by this policy: they are the data's fault, or
+  a configuration to fix, and retrying would only repeat them.
+- **How long to wait**: exponential from :data:`BASE_SECONDS` (0.1, 0.2, 0.4, ...),
+  capped at ``PROMPTER_RETRY_MAX_SECONDS``, times a jitter of 0.5-1 so that replicas do
+  not retry in step (:meth:`Backoff.delay`).
+- **For how long**: the worker retries for as long as it runs (it holds the messages,
+  unacked, and readiness says why); a command with an end (``replay --direct``) gives up
+  after ``attempts`` and reports what is unsettled.
+- **What is said meanwhile**: one warning at the first failure, then at most one every
+  :data:`LOG_EVERY_SECONDS` while it keeps failing, and one line when it recovers
+  (:class:`Retrying`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+#: The first retry waits about this long; each next one twice as long.
+BASE_SECONDS: Final = 0.1
+#: While a fault lasts, it is logged at most this often.
+LOG_EVERY_SECONDS: Final = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backoff:
+    """Exponential backoff with jitter, capped (see the module docstring)."""
+
+    cap: float = 30.0
+    base: float = BASE_SECONDS
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (0, 1, 2, ...)."""
+        raw: float = min(self.cap, self.base * 2.0 ** min(attempt, 30))
+        return raw * random.uniform(0.5, 1.0)
+
+
+def backoff(attempt: int, cap: float) -> float:
+    """:meth:`Backoff.delay` with ``cap``: for callers without a policy object."""
+    return Backoff(cap=cap).delay(attempt)
+
+
+@dataclass(kw_only=True)
+class Retrying:
+    """The log lines of one kind of fault (``what``: "the database", "dead-lettering"):
+    the first failure, then at most one every :data:`LOG_EVERY_SECONDS`, then recovery.
+    ``failures`` counts the attempts since the last success."""
+
+    what: str
+    logger: logging.Logger
+    clock: Callable[[], float] = time.monotonic
+    failures: int = 0
+    _last_log: float = field(default=0.0, repr=False)
+
+    def failed(self, reason: object) -> None:
+        now = self.clock()
+        self.failures += 1
+        if self.failures == 1:
+            self.logger.warning("%s failed, retrying: %s", self.what, reason)
+            self._last_log = now
+        elif now - self._last_log >= LOG_EVERY_SECONDS:
+            self.logger.warning(
+                "%s still failing after %d attempts: %s", self.what, self.failures, reason
+            )
+            self._last_log = now
+
+    def succeeded(self) -> bool:
+        """Record a success; True if it ends a run of failures (the recovery was logged)."""
+        if self.failures == 0:
+            return False
+        self.logger.info("%s recovered after %d failed attempts", self.what, self.failures)
+        self.failures = 0
+        return True

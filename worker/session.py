@@ -1,0 +1,383 @@
+"""The worker's broker session: connections, consumers, and what flows through them.
+
+::
+
+    node (first of AMQP_URL that answers) ── aiormq: declare the topology, then close
+      ├─ consumer connection (worker.amqp): channel 1 live queue, channel 2 replay queue,
+      │    deliveries ─► Dispatcher; acks and rejects go back on the channel they came on
+      └─ publishing connection (worker.amqp): channel 1 in confirm mode, dead-letter copies
+
+Consuming and publishing use separate connections, as RabbitMQ recommends: a broker
+under a resource alarm blocks the connections that publish, and a blocked consumer
+connection could not acknowledge the very messages whose removal ends the alarm.
+
+What the session controls, besides reconnecting (nodes of a cluster in turn, with the
+one backoff policy):
+
+- **consuming only while the database answers** (:meth:`allow`): after a batch fails
+  for a database fault the consumers are cancelled, and after a reconnection they are
+  not started, until the database is back. Deliveries the worker holds meanwhile go back
+  to the queue once if the connection drops, and are not handed out again while the
+  database is down: no outage, however long and however often the broker connection
+  flaps, walks a valid event up to the delivery limit.
+- **bytes held** (:meth:`pause_reading`): when the dispatcher holds its byte budget the
+  consumer connection stops reading from the socket, and resumes when there is room. The
+  prefetch count follows the average message size (:meth:`adapt_prefetch`), so the
+  broker does not hand this worker far more than it can hold.
+- deliveries buffered from a connection that closed are dropped, never acked on another
+  one: the broker redelivers them, and ingestion is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+import aiormq
+
+from worker import amqp, broker
+from worker.acks import Source
+from worker.batching import Dispatcher
+from worker.config import Settings, mask_url
+from worker.errors import BrokerUnavailable, ConfigError
+from worker.metrics import Health, Metrics
+from worker.retry import Backoff, Retrying
+
+log = logging.getLogger(__name__)
+
+#: A new prefetch count is sent only when it differs from the current one by this share.
+PREFETCH_STEP: Final = 0.25
+#: Weight of the newest batch in the running average of message sizes.
+SIZE_SMOOTHING: Final = 0.2
+PUBLISH_CHANNEL: Final = 1
+
+
+class Session:
+    """The broker side of a running worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        *,
+        name: str,
+        metrics: Metrics,
+        health: Health,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.name = name
+        self.metrics = metrics
+        self.health = health
+        self.stopping = stopping
+        self.topology = broker.Topology.from_settings(settings)
+        self.backoff = Backoff(cap=settings.retry_max_seconds)
+        self.consumer: amqp.Connection | None = None
+        self.publisher: amqp.Connection | None = None
+        self.sources: list[Source] = []
+        self.url: str | None = None
+        self.connected = asyncio.Event()
+        self.drained = asyncio.Event()  # set by the worker once what was held is settled
+        self._allowed = False  # the database answers: consuming is allowed
+        self._consuming = False
+        self._next_node = 0
+        self._average_size = 0.0
+        self._prefetch: dict[int, int] = {}
+        self._changing = asyncio.Lock()
+        self._retrying = Retrying(what="the broker connection", logger=log)
+        dispatcher.on_full = self.pause_reading
+        dispatcher.on_room = self.resume_reading
+
+    # -- the connection loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, consume, reconnect; until the worker stops. Raises ConfigError for a
+        topology the broker refuses (the worker exits 2)."""
+        attempt = 0
+        connected_before = False
+        while not self.stopping.is_set():
+            try:
+                await self._connect()
+            except BrokerUnavailable as exc:
+                self.health.problems["broker"] = str(exc)
+                self.metrics.retries.labels(kind="BrokerUnavailable").inc()
+                self._retrying.failed(exc)
+                self._next_node += 1
+                await self._sleep(self.backoff.delay(attempt))
+                attempt += 1
+                continue
+            attempt = 0
+            self.health.broker_connected = True
+            self.health.problems.pop("broker", None)
+            if connected_before:
+                self.metrics.reconnects.labels(server="broker").inc()
+            self._retrying.succeeded()
+            log.info(
+                "connected to the broker at %s%s",
+                mask_url(self.url or ""),
+                "" if self._allowed else "; not consuming until the database answers",
+            )
+            connected_before = True
+            await self._consume_if_allowed()
+            reason = await self._wait_until_closed()
+            if reason == "stopping":
+                # A graceful stop: keep the channels until what they hold is acked.
+                await self._wait_until_closed(self.drained)
+                return
+            self._lost(reason)
+            await _close(self.consumer, self.publisher)
+            self._next_node += 1
+
+    async def _connect(self) -> None:
+        """Topology through aiormq on the first node that answers, then the two
+        connections of this module to the same node."""
+        topology = await broker.connect(
+            self.settings.amqp_url, name=self.name, start=self._next_node
+        )
+        url = str(topology.url)
+        consumer: amqp.Connection | None = None
+        publisher: amqp.Connection | None = None
+        try:
+            await broker.open_topology(topology, self.topology, passive=not self.settings.declare)
+            sources = [
+                Source(1, self.settings.queue, replay=False),
+                Source(2, self.settings.replay_queue, replay=True),
+            ]
+            by_channel = {s.channel: s for s in sources}
+            add = self.dispatcher.add
+            clock = asyncio.get_running_loop().time
+
+            def on_delivery(delivery: amqp.Delivery) -> None:
+                source = by_channel.get(delivery.channel)
+                if source is not None and source.open:
+                    add(source, delivery, clock())
+
+            consumer = await amqp.connect(
+                url,
+                on_delivery,
+                name=f"{self.name}-consumer",
+                max_body=unread_above(self.settings),
+            )
+            for source, prefetch in zip(sources, self._configured_prefetch(), strict=True):
+                source.connection = consumer
+                await consumer.open_channel(source.channel, self._scaled(prefetch))
+                self._prefetch[source.channel] = self._scaled(prefetch)
+            publisher = await amqp.connect(url, name=f"{self.name}-publisher")
+            await publisher.open_publisher(PUBLISH_CHANNEL)
+        except ConfigError:
+            await _close(consumer, publisher)
+            raise
+        except (aiormq.exceptions.AMQPError, amqp.AMQPError, OSError, TimeoutError) as exc:
+            await _close(consumer, publisher)
+            raise BrokerUnavailable(
+                f"setting up the connections to {mask_url(url)} failed: {exc}"
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(topology.close(), timeout=5)
+        self.url, self.consumer, self.publisher, self.sources = url, consumer, publisher, sources
+        self._consuming = False
+        if self.dispatcher.full:
+            consumer.pause()
+        self.connected.set()
+
+    async def _wait_until_closed(self, until: asyncio.Event | None = None) -> str:
+        """Wait until a connection closes (its reason) or ``until`` is set (default: the
+        worker stopping; "stopping")."""
+        consumer, publisher = self.consumer, self.publisher
+        assert consumer is not None
+        assert publisher is not None
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(_settled(consumer.closed)),
+            asyncio.ensure_future(_settled(publisher.closed)),
+            asyncio.ensure_future((until or self.stopping).wait()),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        for connection in (consumer, publisher):
+            if connection.closed.done():
+                exc = connection.closed.exception()
+                return str(exc) if exc else "closed"
+        return "stopping"
+
+    def _lost(self, reason: str) -> None:
+        """The session ended: forget what its channels held (the broker redelivers it)."""
+        self.connected.clear()
+        self.health.broker_connected = False
+        self._set_consumers(0)
+        self._consuming = False
+        dropped = 0
+        for source in self.sources:
+            source.open = False
+            dropped += self.dispatcher.drop(source)
+        if dropped:
+            self.metrics.dropped.inc(dropped)
+        if not self.stopping.is_set():
+            self.health.problems["broker"] = f"connection lost: {reason}"
+            log.warning(
+                "broker connection lost (%s); %d buffered deliveries dropped (redelivered later)",
+                reason,
+                dropped,
+            )
+
+    async def close(self) -> None:
+        """Close both connections (each with a timeout); their channels are done with."""
+        self.drained.set()
+        for source in self.sources:
+            source.open = False
+        self.connected.clear()
+        await _close(self.consumer, self.publisher)
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def allow(self, allowed: bool) -> None:
+        """Consume (True: the database answers) or stop taking deliveries (False)."""
+        if allowed == self._allowed:
+            return
+        self._allowed = allowed
+        if allowed:
+            log.info("the database answers: consuming")
+            await self._consume_if_allowed()
+        else:
+            await self._cancel(wait=False)
+            log.warning("the database is unavailable: consumers cancelled until it answers")
+
+    async def stop_consuming(self) -> None:
+        """Stop the broker sending more (a graceful stop); what is held is still processed.
+        Deliveries sent before the CancelOk were handed over, in order, before it."""
+        self._allowed = False
+        await self._cancel(wait=True)
+
+    async def _consume_if_allowed(self) -> None:
+        async with self._changing:
+            consumer = self.consumer
+            if (
+                not self._allowed
+                or self._consuming
+                or consumer is None
+                or consumer.closed.done()
+                or self.stopping.is_set()
+            ):
+                return
+            try:
+                for source in self.sources:
+                    source.consumer_tag = await consumer.consume(source.channel, source.queue)
+            except (amqp.AMQPError, TimeoutError) as exc:
+                log.warning("consuming failed, reconnecting: %s", exc)
+                consumer._fail(amqp.AMQPError(f"consuming failed: {exc}"))
+                consumer._close_transport()
+                return
+            self._consuming = True
+            self._set_consumers(len(self.sources))
+
+    async def _cancel(self, *, wait: bool) -> None:
+        async with self._changing:
+            consumer = self.consumer
+            self._consuming = False
+            self._set_consumers(0)
+            if consumer is None or consumer.closed.done():
+                return
+            for source in self.sources:
+                tag, source.consumer_tag = source.consumer_tag, None
+                if tag is None:
+                    continue
+                if wait:
+                    with contextlib.suppress(amqp.AMQPError, TimeoutError):
+                        await consumer.cancel(tag, timeout=5)
+                else:
+                    consumer.cancel_nowait(tag)
+
+    def _set_consumers(self, count: int) -> None:
+        self.health.consumers = count
+        self.metrics.consumers.set(count)
+
+    # -- bytes held --------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self.consumer is not None:
+            self.consumer.pause()
+        self.metrics.reading_paused.set(1)
+
+    def resume_reading(self) -> None:
+        if self.consumer is not None:
+            self.consumer.resume()
+        self.metrics.reading_paused.set(0)
+
+    def _configured_prefetch(self) -> tuple[int, int]:
+        return self.settings.prefetch, self.settings.replay_prefetch
+
+    def _scaled(self, configured: int) -> int:
+        """The prefetch for the average message size: at most the budget's worth."""
+        if self._average_size <= 0:
+            return configured
+        fits = int(self.settings.max_held_bytes // self._average_size)
+        return max(1, min(configured, fits))
+
+    def adapt_prefetch(self, sizes: list[int]) -> None:
+        """Follow the average message size of the batches (see the module docstring)."""
+        if not sizes:
+            return
+        size = sum(sizes) / len(sizes)
+        if self._average_size <= 0:
+            self._average_size = size
+        else:
+            self._average_size += SIZE_SMOOTHING * (size - self._average_size)
+        consumer = self.consumer
+        if consumer is None or consumer.closed.done():
+            return
+        for source, configured in zip(self.sources, self._configured_prefetch(), strict=True):
+            wanted = self._scaled(configured)
+            current = self._prefetch.get(source.channel, configured)
+            if abs(wanted - current) > PREFETCH_STEP * current:
+                consumer.set_prefetch(source.channel, wanted)
+                self._prefetch[source.channel] = wanted
+
+    # -- the topology, again -------------------------------------------------------------
+
+    async def redeclare(self) -> None:
+        """Declare the topology again (or check it, with PROMPTER_DECLARE=false): a
+        dead-letter copy came back unroutable."""
+        connection = await broker.connect(
+            self.url or self.settings.amqp_url, name=f"{self.name}-declare"
+        )
+        try:
+            await broker.open_topology(connection, self.topology, passive=not self.settings.declare)
+            log.info("topology declared again after an unroutable dead-letter copy")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), timeout=5)
+
+    def publishing(self) -> amqp.Connection | None:
+        """The publishing connection, while connected."""
+        return self.publisher if self.connected.is_set() else None
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
+
+
+def unread_above(settings: Settings) -> int:
+    """Bodies larger than this are refused unread (the queue dead-letters them): half the
+    byte budget. Between PROMPTER_MAX_EVENT_BYTES and this, a body is read and refused
+    as payload_too_large with a dead-letter copy of its own, like any bad event."""
+    return settings.max_held_bytes // 2
+
+
+async def _settled(future: asyncio.Future[None]) -> None:
+    """Wait for a future to finish, however it finishes."""
+    with contextlib.suppress(BaseException):
+        await asyncio.shield(future)
+
+
+async def _close(*connections: amqp.Connection | None) -> None:
+    for connection in connections:
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close(timeout=5)
