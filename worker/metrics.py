@@ -71,6 +71,11 @@ class Metrics:
         self.inflight = Gauge(
             "prompter_deliveries_held", "Deliveries received and not yet acked.", registry=r
         )
+        self.bytes_held = Gauge(
+            "prompter_bytes_held",
+            "Bytes of message bodies the worker holds (received, not yet acked).",
+            registry=r,
+        )
         self.dropped = Counter(
             "prompter_deliveries_dropped",
             "Deliveries dropped because their channel closed (the broker redelivers them).",
