@@ -3,8 +3,8 @@
 Three places are looked at, each bounded, at the same time:
 
 1. **PostgreSQL**: the result row by its primary key (``prompt_results.id`` = ``event_id``:
-   one index probe, however large the table), with its template and version rows (primary
-   keys too), and the commit time of the transaction that wrote it, which is the batch's:
+   one index probe, however large the table), joined to its template and version rows on
+   their primary keys, and the commit time of the transaction that wrote it, which is the batch's:
    ``pg_xact_commit_timestamp(xmin)``, known only when the server runs with
    ``track_commit_timestamp = on`` (otherwise the answer says so).
 2. **The dead-letter queue**: its first ``limit`` messages, looked at and handed back
@@ -60,7 +60,7 @@ COMMIT_TIME_UNRECORDED: Final = (
 
 
 class SQL:
-    # Primary-key probes only: prompt_results_pkey, then the template's and the version's.
+    # One probe of prompt_results_pkey; the template and version joined on their keys.
     # The commit time is asked only when tracked: otherwise the function raises.
     FIND: Final = """
         SELECT r.id, r.org_id, r.workspace_id, r.created_at, r.template_id, r.version_id,
