@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -116,7 +116,7 @@ class Trace:
     dead_letter_queue: QueueStatus | None = None
     dead_letters_scanned: int = 0
     queues: tuple[QueueStatus, ...] = ()  # the live and the replay queue
-    errors: tuple[str, ...] = field(default_factory=tuple)
+    errors: tuple[str, ...] = ()
 
     @property
     def state(self) -> str:
