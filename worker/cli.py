@@ -135,6 +135,55 @@ def status(settings: Settings, as_json: bool) -> None:
         sys.exit(1)
 
 
+# Repeated from worker.trace, imported only when the command runs (--help stays fast);
+# tests/test_trace.py checks that they agree.
+DEFAULT_TRACE_DEAD_LETTERS = 10_000
+
+
+@main.command()
+@click.argument("event_id", metavar="EVENT_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--dead-letter-limit",
+    default=DEFAULT_TRACE_DEAD_LETTERS,
+    show_default=True,
+    type=click.IntRange(1, 1_000_000),
+    help="Most dead letters to look at (from the head of the dead-letter queue).",
+)
+@settings_options(
+    "database_url",
+    "amqp_url",
+    "queue",
+    "replay_queue",
+    "dead_letter_queue",
+    "statement_cache_size",
+    "log_level",
+    "log_format",
+)
+def trace(settings: Settings, event_id: str, as_json: bool, dead_letter_limit: int) -> None:
+    """Where is this event? Stored (when, its template and version, the batch's commit
+    time), dead-lettered (reason, detail, when), waiting in a queue, or not seen anywhere.
+
+    Looks the event up by primary key, reads at most --dead-letter-limit dead letters and
+    hands them back, and only counts the live and replay queues (browsing them would count
+    as deliveries toward the delivery limit). Exits 0 if the event is stored, 3 if it is
+    not (dead-lettered, waiting or not seen), 1 if a server could not be read.
+    """
+    import orjson
+
+    from worker import trace as tr
+
+    _check_uuid(event_id, "EVENT_ID")
+    result = run_async(tr.trace(settings, event_id, dead_letter_limit=dead_letter_limit))
+    if as_json:
+        click.echo(orjson.dumps(result.as_dict()).decode())
+    else:
+        click.echo(tr.render(result))
+    if result.state == tr.STORED:
+        return
+    sys.exit(1 if result.errors else 3)
+
+
 @main.group()
 def templates() -> None:
     """Register, list and soft-delete prompt templates."""
