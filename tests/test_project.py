@@ -13,7 +13,17 @@ import yaml
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["migrate", "run", "status", "templates", "publish", "replay", "dead-letters", "demo"]
+SUBCOMMANDS = [
+    "migrate",
+    "run",
+    "status",
+    "templates",
+    "publish",
+    "replay",
+    "dead-letters",
+    "demo",
+    "trace",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -62,6 +62,7 @@ DEAD_LETTER_HEADERS: Final = frozenset(
         "x-worker-version",
         "x-original-exchange",
         "x-original-routing-key",
+        "x-raw-properties",
         "x-death",
         "x-first-death-reason",
         "x-first-death-queue",
