@@ -149,16 +149,12 @@ def templates_add(settings: Settings, file: Any) -> None:
     Registering a config that an active template of the workspace already has returns that
     template instead of a copy.
     """
-    import orjson
-
     from worker import store
     from worker import templates as tpl
     from worker.errors import Rejection
 
     try:
-        spec = tpl.parse_spec(orjson.loads(file.read()))
-    except orjson.JSONDecodeError as exc:
-        raise click.ClickException(f"{file.name}: not JSON: {exc}") from None
+        spec = tpl.load_spec(file.read())  # numbers read exactly, for the canonical form
     except Rejection as exc:
         raise click.ClickException(f"{file.name}: {exc.detail}") from None
 
