@@ -92,6 +92,8 @@ def migrate(settings: Settings, revision: str, sql: bool, create_database: bool)
         migrations.upgrade(settings.database_url, revision, sql=sql)
     except (OSError, ConnectionError) as exc:
         raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from None
+    except WorkerError as exc:  # a revision that refuses the data it found, saying why
+        raise click.ClickException(str(exc)) from None
 
 
 RUN_SETTINGS = tuple(f.name for f in Settings.fields())
