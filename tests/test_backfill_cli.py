@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pytest
 
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, drain, queue_depth, running, wait_until
@@ -280,3 +281,50 @@ async def test_demo_shows_data_flowing_end_to_end_and_can_run_again(
     status = await cli_run(owner, "status")
     assert status.code == 0, status
     assert "prompt_results" in status.out
+
+
+@pytest.mark.parametrize("command", ["publish", "replay", "replay --direct"])
+async def test_a_line_the_writer_is_halfway_through_is_stored_once_it_is_written(
+    settings: Settings, conn: asyncpg.Connection, tmp_path: Path, command: str
+) -> None:
+    """Issue 13, case 3. A file of 3 lines and half of line 4 (a writer is still writing
+    it): the run stores lines 1-3, neither judges nor checkpoints line 4, says so, and
+    exits 1. The writer finishes line 4 and adds line 5; the same command with --force
+    (for an appended file) stores lines 4 and 5: no line is lost, none sent twice."""
+    tenant = await make_tenant(conn)
+    events = [encode(event_doc(tenant)) for _ in range(5)]
+    path = tmp_path / "growing.jsonl"
+    half = len(events[3]) // 2
+    path.write_bytes(b"".join(e + b"\n" for e in events[:3]) + events[3][:half])
+    checkpoint = tmp_path / "cp"
+    args = (*command.split(), str(path), "--checkpoint", str(checkpoint))
+    if command == "publish":  # publish takes one file and no checkpoint: it re-reads it whole
+        args = ("publish", str(path))
+    rejects = ("--rejects", str(tmp_path / "rejects"))
+
+    first = await cli_run(settings, *args, *rejects)
+    assert first.code == 1, first
+    assert "invalid_json" not in first.out
+    assert f"{path}:4: no line ending yet" in first.out
+    assert not (tmp_path / "rejects").exists()
+    if command != "publish":
+        saved = Checkpoint.load(str(checkpoint)).entries[str(path)]
+        assert (saved["line"], saved["complete"]) == (3, False)
+
+    with path.open("ab") as fh:  # the writer goes on
+        fh.write(events[3][half:] + b"\n" + events[4] + b"\n")
+    if command == "publish":
+        # publish has no checkpoint: the file is published again from its start
+        second = await cli_run(settings, *args, *rejects)
+    else:
+        second = await cli_run(settings, *args, "--force", *rejects)
+    assert second.code == 0, second
+    if command == "replay --direct":
+        rows = {str(r["id"]) for r in await conn.fetch("SELECT id FROM prompt_results")}
+        assert rows == {orjson.loads(e)["event_id"] for e in events}
+    else:
+        queue = settings.queue if command == "publish" else settings.replay_queue
+        bodies = [m.body for m in await drain(queue)]
+        assert set(bodies) == set(events)
+        if command == "replay":
+            assert len(bodies) == 5  # resumed after line 3: nothing sent twice

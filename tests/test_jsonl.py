@@ -10,6 +10,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.factories import Tenant, encode, event_doc
 from worker.checkpoint import Checkpoint, Watermark
@@ -127,6 +129,122 @@ def test_lines_up_to_after_are_skipped(tmp_path: Path) -> None:
     path.write_bytes(b"\n".join(encode(event_doc(TENANT)) for _ in range(10)))
     with Reader(str(path)) as reader:
         assert [n for n, _ in reader.events(after=7)] == [8, 9, 10]
+
+
+# --- a file still being written ---------------------------------------------------------------
+
+
+def test_a_half_written_last_line_of_a_plain_file_is_held_back(tmp_path: Path) -> None:
+    """Issue 13, case 3: 3 lines and half of line 4 in a plain file. Lines 1-3 are read;
+    line 4 is neither yielded nor judged (no invalid_json), and ``held_back`` names it. Once
+    the writer finished it, reading after line 3 yields it whole."""
+    lines = [encode(event_doc(TENANT)) for _ in range(4)]
+    path = tmp_path / "growing.jsonl"
+    half = len(lines[3]) // 2
+    path.write_bytes(b"".join(line + b"\n" for line in lines[:3]) + lines[3][:half])
+    with Reader(str(path)) as reader:
+        got = list(reader.events())
+        assert [n for n, _ in got] == [1, 2, 3]
+        assert all(isinstance(e, Event) for _, e in got)
+        assert reader.held_back == 4
+    with path.open("ab") as fh:
+        fh.write(lines[3][half:] + b"\n")
+    with Reader(str(path)) as reader:
+        [(number, event)] = list(reader.events(after=3))
+        assert reader.held_back is None
+    assert number == 4
+    assert isinstance(event, Event)
+    assert event.body == lines[3]
+
+
+@pytest.mark.parametrize(
+    ("tail", "whole"),
+    [
+        (b'{"event_id": "x"}', True),  # a whole object: judged (here: refused as invalid)
+        (b'{"event_id": "x"}\r', True),  # the writer is between \r and \n
+        (b"   ", True),  # blank: skipped, as blank lines are
+        (b'{"event_id": "x"', False),
+        (b"[1, 2]", False),  # not an object: no event is, so it cannot be a whole one
+        (b"12", False),  # a number's prefix is a number: held back until terminated
+        (b'{"a": "\xc3', False),  # cut inside a UTF-8 character
+    ],
+)
+def test_only_a_whole_json_object_ends_a_plain_file_without_a_newline(
+    tmp_path: Path, tail: bytes, whole: bool
+) -> None:
+    """A plain file's unterminated last line is read only when it is a whole JSON object
+    (or blank); anything else may be a writer's unfinished line, and is held back."""
+    first = encode(event_doc(TENANT))
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(first + b"\n" + tail)
+    with Reader(str(path)) as reader:
+        got = list(reader.events())
+        held = reader.held_back
+    assert got[0][0] == 1
+    if whole:
+        assert held is None
+        assert [n for n, _ in got] == ([1] if not tail.strip() else [1, 2])
+    else:
+        assert held == 2
+        assert len(got) == 1
+
+
+def test_stdin_and_gzip_are_complete_at_their_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stdin at EOF (its writer closed it) and a gzip stream that ended properly are
+    complete: their unterminated last line is judged, here refused as invalid_json."""
+    good = encode(event_doc(TENANT))
+    data = good + b"\n" + good[: len(good) // 2]
+    path = tmp_path / "e.jsonl.gz"
+    path.write_bytes(gzip.compress(data))
+    with Reader(str(path)) as reader:
+        got = list(reader.events())
+        assert reader.held_back is None
+    assert [(n, getattr(r, "reason", None)) for n, r in got] == [(1, None), (2, "invalid_json")]
+
+    class Stdin:
+        buffer = io.BytesIO(data)
+
+    monkeypatch.setattr("sys.stdin", Stdin)
+    with Reader("-") as reader:
+        got = list(reader.events())
+        assert reader.held_back is None
+    assert [(n, getattr(r, "reason", None)) for n, r in got] == [(1, None), (2, "invalid_json")]
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    doc=st.dictionaries(st.text(), _JSON, max_size=6),
+    indent=st.booleans(),
+    cut=st.floats(min_value=0, max_value=1, exclude_max=True),
+)
+def test_no_cut_of_an_object_line_is_read_before_it_is_terminated(
+    tmp_path_factory: pytest.TempPathFactory, doc: dict[str, object], indent: bool, cut: float
+) -> None:
+    """Wherever a writer stops inside a line holding a JSON object (compact or spaced),
+    the plain file's unfinished last line is held back, never yielded."""
+    line = orjson.dumps(doc)
+    if indent:
+        line = orjson.dumps(doc, option=orjson.OPT_INDENT_2).replace(b"\n", b" ")
+    prefix = line[: max(1, int(len(line) * cut))]
+    path = tmp_path_factory.mktemp("cut") / "e.jsonl"
+    path.write_bytes(encode(event_doc(TENANT)) + b"\n" + prefix)
+    with Reader(str(path)) as reader:
+        got = list(reader.lines())
+        assert reader.held_back == 2
+    assert [n for n, _ in got] == [1]
 
 
 # --- the watermark ----------------------------------------------------------------------------

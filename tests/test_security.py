@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import signal
 import subprocess
 import sys
+import urllib.parse
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import with_user
-from tests.factories import event, make_tenant
+from tests.factories import Tenant, event, event_doc, make_tenant
 from tests.helpers import run_cli
-from worker.config import Settings, tls_warnings
+from worker import logs
+from worker.config import Settings, mask_url, tls_warnings
 from worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,6 +254,217 @@ def test_secrets_from_files_never_reach_errors_or_help(tmp_path: Path) -> None:
     assert status[1] != 0
     assert "127.0.0.1:1" in status[2]  # it says which server, masked
     assert "***" in status[2]
+
+
+def make_tenant_ids() -> Tenant:
+    return Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+
+
+_LETTERS = "ghjkmnpqrstvwxyz"  # no hexadecimal digit: "%" + a token is never an escape
+
+
+def _token() -> str:
+    return "".join(secrets.choice(_LETTERS) for _ in range(10))
+
+
+@dataclass(frozen=True)
+class Password:
+    """A password made of random tokens joined by characters that break URLs or lists of
+    URLs: any piece of it that reaches an output is found."""
+
+    tokens: tuple[str, ...]
+    joints: str
+
+    @classmethod
+    def new(cls, joints: str = ",#@:%/") -> Password:
+        return cls(tuple(_token() for _ in range(len(joints) + 1)), joints)
+
+    @property
+    def plain(self) -> str:
+        return self.tokens[0] + "".join(
+            j + t for j, t in zip(self.joints, self.tokens[1:], strict=True)
+        )
+
+    def written(self, *, encoded: bool) -> str:
+        return urllib.parse.quote(self.plain, safe="") if encoded else self.plain
+
+    def leaks(self, text: str) -> list[str]:
+        pieces = [*self.tokens, self.plain, urllib.parse.quote(self.plain, safe="")]
+        return [p for p in pieces if p in text]
+
+
+def secret_urls(variant: str) -> tuple[str, str, list[Password]]:
+    """DATABASE_URL naming two hosts and AMQP_URL naming two nodes, all unreachable
+    (closed ports on 127.0.0.1), each with its own password: holding , # @ : % / raw
+    (``plain``) or percent-encoded (``encoded``), or (``valid-raw``) only characters a URL
+    allows raw in a password (a comma, not in AMQP_URL: it separates the nodes)."""
+    encoded = variant == "encoded"
+    if variant == "valid-raw":
+        db, mq1, mq2 = Password.new(",:;=!"), Password.new(":;=!*"), Password.new("$'()+")
+    else:
+        db, mq1, mq2 = Password.new(), Password.new(), Password.new()
+    database_url = (
+        f"postgresql://w:{db.written(encoded=encoded)}@127.0.0.1:1,127.0.0.1:2/prompter"
+        "?application_name=x"
+    )
+    amqp_url = (
+        f"amqp://w:{mq1.written(encoded=encoded)}@127.0.0.1:1/,"
+        f"amqps://w:{mq2.written(encoded=encoded)}@127.0.0.1:2/?heartbeat=5"
+    )
+    return database_url, amqp_url, [db, mq1, mq2]
+
+
+def _run_until_it_logs(env: dict[str, str]) -> str:
+    """`run`: it retries unreachable servers forever; SIGTERM once it logged two lines (or
+    exited by itself), and everything it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    seen = []
+    try:
+        for line in process.stderr:
+            seen.append(line)
+            if len(seen) >= 2:
+                break
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    return out + "".join(seen) + err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("variant", ["plain", "encoded", "valid-raw"])
+def test_no_piece_of_a_password_reaches_any_output(tmp_path: Path, variant: str) -> None:
+    """Issue 13, case 4. Passwords holding , # @ : % / (plain, as users paste them, and
+    percent-encoded), in a two-host DATABASE_URL and a two-node AMQP_URL, with every server
+    unreachable: no command prints any piece of them, on stdout or stderr, in text or JSON
+    logs, in its errors or its status (text and JSON). (Raw, they are refused at start,
+    the message saying to percent-encode them; encoded, or raw but valid, the commands try
+    the servers and fail on them.)"""
+    database_url, amqp_url, passwords = secret_urls(variant)
+    events = tmp_path / "events.jsonl"
+    tenant = make_tenant_ids()
+    events.write_bytes(orjson.dumps(event_doc(tenant)) + b"\n")
+    commands = [
+        ["status"],
+        ["status", "--json"],
+        ["migrate"],
+        ["templates", "list"],
+        ["publish", str(events)],
+        ["replay", str(events)],
+        ["replay", "--direct", str(events), "--rejects", str(tmp_path / "rejects")],
+        ["dead-letters", "list"],
+    ]
+    base = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": database_url,
+        "AMQP_URL": amqp_url,
+        "PROMPTER_RETRY_MAX_SECONDS": "0.5",
+    }
+    outputs: list[tuple[str, str]] = []
+    for fmt in ("json", "text"):  # every command logs JSON; the text format is checked too
+        env = {**base, "PROMPTER_LOG_FORMAT": fmt, "PROMPTER_LOG_LEVEL": "debug"}
+        for args in commands if fmt == "json" else commands[-2:]:
+            out = run_cli(*args, env=env)
+            assert out.returncode != 0, (args, out.stdout, out.stderr)
+            outputs.append((f"{fmt}: {' '.join(args)}", out.stdout + out.stderr))
+        outputs.append((f"{fmt}: run", _run_until_it_logs(env)))
+    for name, text in outputs:
+        assert "Traceback" not in text, (name, text)
+        for password in passwords:
+            assert not password.leaks(text), (name, password.leaks(text), text)
+    said = "\n".join(text for _, text in outputs)
+    assert "127.0.0.1:1" in said  # the errors still name the servers
+    if variant == "plain":
+        assert "must be percent-encoded" in said
+
+
+# No whitespace: in free text (a log line) whitespace ends a URL, and settings refuse a raw
+# space in a URL's user-info; mask_url, which reads a whole setting, masks it (below).
+_PASSWORDS = st.text(alphabet=st.sampled_from(list(",#@:%/?;=ab%2C[]")), min_size=1).map(
+    lambda p: "k" + p + "k"  # a password that a masked output can never hold by chance
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    passwords=st.lists(_PASSWORDS, min_size=1, max_size=3),
+    scheme=st.sampled_from(["amqp", "amqps", "postgresql"]),
+    tail=st.sampled_from(["/", "/db?sslmode=require", ":5672/vhost", ",h2:5433/db", ""]),
+)
+def test_mask_url_and_log_redaction_agree_and_hide_every_password(
+    passwords: list[str], scheme: str, tail: str
+) -> None:
+    """The one masking rule: the user-info of each URL of a list, up to its last @, is
+    masked, whatever the password holds; status and errors (mask_url), log lines and the
+    settings' repr give the same text, with the hosts still shown."""
+    url = ",".join(f"{scheme}://user:{p}@host{i}{tail}" for i, p in enumerate(passwords))
+    masked = mask_url(url)
+    logged = logs.redact(f"cannot reach {url}")
+    for password in passwords:
+        assert password not in masked
+        assert password not in logged
+    assert logged == f"cannot reach {masked}"
+    for i in range(len(passwords)):
+        assert f"user:***@host{i}" in masked
+    settings = Settings(database_url=url, amqp_url=url)  # repr masks even unchecked values
+    assert masked in repr(settings)
+    for password in passwords:
+        assert password not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (
+            "postgresql://u:p,w@h1:5432,h2:5432/db",
+            "postgresql://u:***@h1:5432,h2:5432/db",
+        ),
+        ("amqp://u:a@b@h/,amqps://v:c#d@h2/", "amqp://u:***@h/,amqps://v:***@h2/"),
+        (
+            "postgresql://h/db?password=a,b#c&sslmode=require",
+            "postgresql://h/db?password=***&sslmode=require",
+        ),
+        ("amqp://guest@h/", "amqp://guest@h/"),
+        ("postgresql://u:p%40ss@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:p ss@h/db", "postgresql://u:***@h/db"),
+    ],
+)
+def test_mask_url_examples(text: str, masked: str) -> None:
+    """Cluster lists, libpq host lists, raw @ # , and spaces in passwords, password=
+    pairs; a user without a password is shown as it is."""
+    assert mask_url(text) == masked
+    if " " not in text:
+        assert logs.redact(text) == masked
+
+
+def test_log_lines_are_masked_in_both_formats() -> None:
+    """A driver's error quoting a URL whose password holds , # @ is masked in JSON and in
+    text log lines (message, fields and traceback)."""
+    pieces = ("qqvv", "zzkk", "xxmm", "yynn")
+    secret = "{},{}#{}@{}".format(*pieces)
+    record = logging.makeLogRecord(
+        {
+            "msg": "lost amqp://u:%s@mq:5672/ and 'postgresql://u:%s@db/x'",
+            "args": (secret, secret),
+            "levelno": logging.ERROR,
+            "levelname": "ERROR",
+            "url": f"amqp://u:{secret}@mq/",
+        }
+    )
+    for formatter in (logs.JsonFormatter(), logs.TextFormatter()):
+        line = formatter.format(record)
+        assert not [p for p in pieces if p in line], line
+        assert "***" in line
 
 
 # --- the dependency audit --------------------------------------------------------------------

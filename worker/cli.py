@@ -92,6 +92,8 @@ def migrate(settings: Settings, revision: str, sql: bool, create_database: bool)
         migrations.upgrade(settings.database_url, revision, sql=sql)
     except (OSError, ConnectionError) as exc:
         raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from None
+    except WorkerError as exc:  # a revision that refuses the data it found, saying why
+        raise click.ClickException(str(exc)) from None
 
 
 RUN_SETTINGS = tuple(f.name for f in Settings.fields())
@@ -198,16 +200,12 @@ def templates_add(settings: Settings, file: Any) -> None:
     Registering a config that an active template of the workspace already has returns that
     template instead of a copy.
     """
-    import orjson
-
     from worker import store
     from worker import templates as tpl
     from worker.errors import Rejection
 
     try:
-        spec = tpl.parse_spec(orjson.loads(file.read()))
-    except orjson.JSONDecodeError as exc:
-        raise click.ClickException(f"{file.name}: not JSON: {exc}") from None
+        spec = tpl.load_spec(file.read())  # numbers read exactly, for the canonical form
     except Rejection as exc:
         raise click.ClickException(f"{file.name}: {exc.detail}") from None
 

@@ -13,6 +13,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -89,6 +90,32 @@ SSL_MODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verif
 _SSL_FILES: Final = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 
 
+# Characters a URL's user-info cannot hold raw: each would end it, or its host, early.
+_NOT_IN_USERINFO: Final = frozenset("@/?#[]\\ \t\r\n")
+_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _check_userinfo(url: str, *, separator: str = "") -> None:
+    """Refuse a URL whose user name or password (up to its *last* ``@``, the rule of
+    :func:`mask_url`) holds a character that must be percent-encoded, or a ``%`` that starts
+    no escape. A driver would cut such a URL elsewhere than the user meant, and print the
+    pieces (a password's end as a host name, its start as a port) in its errors. The
+    message never shows the user-info; ``separator`` (``,`` for a list of URLs) is refused
+    too. The same rule refuses an ``@`` in a path or query, which must be written ``%40``:
+    from the URL alone, it cannot be told from a password holding ``/``, ``?`` or ``#``."""
+    rest = url.partition("://")[2]
+    userinfo = rest[: max(rest.rfind("@"), 0)]
+    if not (_NOT_IN_USERINFO | set(separator)) & set(userinfo) and not _ESCAPE.search(userinfo):
+        return
+    comma = ", a comma as %2C" if "," in separator else ""
+    raise ValueError(
+        f"the user name or password in {mask_url(url)} holds a character that must be "
+        "percent-encoded (@ as %40, / as %2F, ? as %3F, # as %23, [ ] as %5B %5D, \\ as %5C, "
+        f"a space as %20{comma}, a % that starts no escape as %25); so must an @ in the path "
+        "or query"
+    )
+
+
 def _database_url(raw: str) -> str:
     value = raw.strip()
     parts = urllib.parse.urlsplit(value)
@@ -96,6 +123,7 @@ def _database_url(raw: str) -> str:
         raise ValueError(
             f"must be a postgresql:// URL, got scheme {parts.scheme!r} in {mask_url(value)}"
         )
+    _check_userinfo(value)
     query = dict(urllib.parse.parse_qsl(parts.query))
     mode = query.get("sslmode")
     if mode is not None and mode not in SSL_MODES:
@@ -154,7 +182,7 @@ def tls_warnings(database_url: str, amqp_url: str, environ: Mapping[str, str]) -
             f"DATABASE_URL: sslmode={mode} toward {', '.join(remote)} {why}; "
             "set sslmode=verify-full and sslrootcert=<CA file> (see docs/security.md)"
         )
-    for url in amqp_url.split(","):
+    for url in split_urls(amqp_url):
         amqp = urllib.parse.urlsplit(url)
         host = amqp.hostname or ""
         if amqp.scheme == "amqp" and host and not _is_local(host):
@@ -166,13 +194,14 @@ def tls_warnings(database_url: str, amqp_url: str, environ: Mapping[str, str]) -
 
 
 def _amqp_url(raw: str) -> str:
-    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    urls = split_urls(raw)
     if not urls:
         raise ValueError("must name at least one amqp:// or amqps:// URL")
     for url in urls:
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in ("amqp", "amqps"):
             raise ValueError(f"must be an amqp:// or amqps:// URL, got {mask_url(url)}")
+        _check_userinfo(url, separator=",")  # commas separate the nodes of a cluster
     return ",".join(urls)
 
 
@@ -425,33 +454,73 @@ def _read_variable(env: Mapping[str, str], name: str, *, secret: bool) -> str | 
     return content
 
 
-def mask_url(url: str) -> str:
-    """Replace the password of every URL in ``url`` (comma-separated allowed) with ``***``.
+# A URL starts at its scheme; a comma separates two URLs of a list only where a scheme
+# follows it. Commas elsewhere belong to their URL: a password's, a libpq host list's.
+_SCHEME: Final = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://")
+_NEXT_URL: Final = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+_PASSWORD_PAIR: Final = re.compile(
+    r"(?i)(?P<head>\b(?:ssl)?password[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s&\"']+)"
+)
+MASK: Final = "***"
 
-    Also masks ``password=`` query parameters. Anything that does not parse is masked whole
-    rather than risk printing a secret.
+
+def split_urls(text: str) -> list[str]:
+    """The URLs of a comma-separated list (``AMQP_URL`` of a cluster), each stripped.
+
+    A comma ends a URL only where another scheme (``amqp://``) follows it, so a comma in a
+    password, or in a libpq host list (``postgresql://u:p@h1,h2/db``), stays in its URL.
     """
-    return ",".join(_mask_one(part) for part in url.split(","))
+    return [u.strip() for u in _NEXT_URL.split(text) if u.strip()]
 
 
-def _mask_one(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hostinfo = netloc.rpartition("@")
-            user, sep, _password = userinfo.partition(":")
-            netloc = f"{user}:***@{hostinfo}" if sep else f"{user}@{hostinfo}"
-        query = parts.query
-        if query:
-            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-            query = urllib.parse.urlencode(
-                [(k, "***" if k.lower() in ("password", "sslpassword") else v) for k, v in pairs],
-                safe="*/:",
-            )
-        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "***"
+def mask_url(url: str) -> str:
+    """``url`` (one URL, or a comma-separated list) with every password replaced by ``***``.
+
+    The one masking rule of every output (status, errors, the settings' repr, and every log
+    line through :func:`redact`): in each URL, the user-info runs from ``://`` to the
+    URL's *last* ``@``, and all of it after the first ``:`` is masked, whatever it holds
+    (``,`` ``#`` ``/`` ``?`` ``@`` ``:`` ``%``, raw or percent-encoded: a password pasted raw
+    is not a valid URL, but it must not be printed either). ``password=`` and
+    ``sslpassword=`` pairs are masked too. A URL is never parsed here, so nothing that
+    fails to parse can slip through.
+    """
+    return _mask_pairs(",".join(_mask_userinfo(part) for part in split_urls(url)))
+
+
+def redact(text: str) -> str:
+    """Free text (a log line, a driver's error) with the password of every URL in it, and
+    every ``password=`` pair, masked by the rule of :func:`mask_url`. In free text a URL
+    ends at whitespace or where the next URL's scheme starts."""
+    if "://" in text:
+        out: list[str] = []
+        last = 0
+        starts = [m.start() for m in _SCHEME.finditer(text)]
+        for i, start in enumerate(starts):
+            stop = starts[i + 1] if i + 1 < len(starts) else len(text)
+            space = re.search(r"\s", text[start:stop])
+            end = start + space.start() if space else stop
+            out.append(text[last:start])
+            out.append(_mask_userinfo(text[start:end]))
+            last = end
+        out.append(text[last:])
+        text = "".join(out)
+    return _mask_pairs(text)
+
+
+def _mask_userinfo(url: str) -> str:
+    """One URL with everything between its user name and its last ``@`` masked."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return url
+    user, colon, _ = rest[:at].partition(":")
+    return f"{scheme}://{user}{':' + MASK if colon else ''}{rest[at:]}"
+
+
+def _mask_pairs(text: str) -> str:
+    if "assword" not in text and "ASSWORD" not in text:
+        return text
+    return _PASSWORD_PAIR.sub(rf"\g<head>{MASK}", text)
 
 
 def database_url_from_env(environ: Mapping[str, str] | None = None) -> str:

@@ -6,7 +6,8 @@ store), so all of them agree on what a line is:
 - gzip is recognised by its magic bytes, whatever the file is called (``-`` reads stdin);
 - lines are numbered from 1, as editors and ``sed -n`` count them; blank lines are skipped
   (but counted);
-- a line ending is ``\\n`` or ``\\r\\n``; the last line needs none;
+- a line ending is ``\\n`` or ``\\r\\n``; the last line needs none *if the input is
+  complete* (below);
 - a line longer than the event size limit is refused as ``payload_too_large`` without ever
   being held in memory whole;
 - each line is decoded by :func:`worker.events.decode`, so a file is judged exactly as the
@@ -15,6 +16,22 @@ store), so all of them agree on what a line is:
 
 A file that cannot be read, or ends inside a gzip stream, raises
 :class:`~worker.errors.InputError` naming the file and the line reached.
+
+**A line a writer is halfway through is never judged.** A file may still be growing (a
+service appending events) when it is read. A last line without its line ending is taken as
+written only when the input is *complete*:
+
+- stdin at its end: whoever wrote the pipe has closed it, no more bytes will come;
+- a gzip stream that ended with its end-of-stream marker (one cut short is an
+  :class:`~worker.errors.InputError`, and its unfinished line never comes out of it);
+- a plain file whose unterminated last line is a whole JSON object. A writer halfway
+  through an event has not written its closing ``}`` yet: no proper prefix of a JSON object
+  is itself a JSON object (except for trailing whitespace, which changes nothing).
+
+Otherwise the line is *held back*: not yielded, so neither judged nor settled nor
+checkpointed; :attr:`Reader.held_back` names it, and the run reports it. Once the writer
+has finished it (or terminated it), a later run reads it whole. A finished plain file whose
+last line is broken and unterminated is reported the same way at every run, never skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +46,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Final, TypeAlias
+
+import orjson
 
 from worker import events
 from worker.errors import InputError, Rejection
@@ -96,7 +115,9 @@ class Reader:
     """One input (a path, or ``-`` for stdin), opened for reading lines.
 
     ``position`` is how far into the *stored* bytes reading has gone (compressed bytes for
-    gzip), for progress bars; ``size`` is the stored size, or None for stdin.
+    gzip), for progress bars; ``size`` is the stored size, or None for stdin. After
+    :meth:`lines` (or :meth:`events`) ran to the end, ``held_back`` is the number of the
+    unterminated last line left for a later run (see the module docstring), or None.
     """
 
     def __init__(self, name: str, *, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTES) -> None:
@@ -104,6 +125,7 @@ class Reader:
         self.max_bytes = max_bytes
         self.size: int | None = None
         self.gzip = False
+        self.held_back: int | None = None
         self._raw: BinaryIO | None = None
         self._stream: _Stream | None = None
         self._stack = contextlib.ExitStack()
@@ -162,6 +184,7 @@ class Reader:
             raise RuntimeError("Reader used outside its with block")
         limit = self.max_bytes + 2  # the body, then "\r\n"
         number = 0
+        self.held_back = None
         while True:
             try:
                 line = stream.readline(limit)
@@ -187,9 +210,23 @@ class Reader:
                 continue
             if line[-1:] == b"\n":
                 line = line[:-2] if line[-2:-1] == b"\r" else line[:-1]
+            elif not self._whole(line):
+                self.held_back = number
+                return
             if not line or (line[:1] in b" \t\r\f\v" and not line.strip()):
                 continue
             yield number, line
+
+    def _whole(self, tail: bytes) -> bool:
+        """Whether an unterminated last line is all there will be of it (see the module
+        docstring): always for stdin and gzip, which end only when complete; for a plain
+        file, when it is blank or a whole JSON object."""
+        if self.name == STDIN or self.gzip or not tail.strip():
+            return True
+        try:
+            return isinstance(orjson.loads(tail), dict)
+        except orjson.JSONDecodeError:
+            return False
 
     def _skip_rest(self, stream: _Stream, number: int) -> None:
         while True:

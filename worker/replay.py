@@ -300,7 +300,9 @@ class _Run:
             return
         for inp, file, mark, eof in self.marks:
             if inp.identity is not None:
-                complete = eof and mark.pending == 0 and not file.unconfirmed
+                complete = (
+                    eof and mark.pending == 0 and not file.unconfirmed and file.held_back is None
+                )
                 self.checkpoint.record(inp.identity, mark.value, complete=complete)
         self.checkpoint.save()
 
@@ -334,6 +336,8 @@ def _start_file(run: _Run, inp: _Input) -> tuple[FileReport, Watermark] | None:
 def _end_file(run: _Run, reader: jsonl.Reader) -> None:
     eof = run.eof
     inp, file, mark, _ = run.marks[-1]
+    if eof:
+        file.held_back = reader.held_back
     run.marks[-1] = (inp, file, mark, eof)
     if not eof:
         file.stopped_after = mark.high

@@ -49,6 +49,7 @@ class FileReport:
     unconfirmed: int = 0  # sent, but no confirm (or no commit) came
     refused: int = 0  # --direct: valid by the contract, refused by the store (a template)
     stopped_after: int | None = None  # the last line read, when the run stopped before EOF
+    held_back: int | None = None  # an unterminated last line left unread (jsonl.Reader)
     reached: bool = True  # False: the run stopped before it got to this file
     invalid: list[Invalid] = field(default_factory=list)
 
@@ -99,6 +100,7 @@ class Report:
             and not self.invalid
             and not self.unconfirmed
             and not self.unsent
+            and not any(f.held_back for f in self.files)
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -124,6 +126,7 @@ class Report:
                     "duplicates": f.duplicates,
                     "unconfirmed": f.unconfirmed,
                     "invalid": len(f.invalid),
+                    "held_back": f.held_back,
                 }
                 for f in self.files
             ],
@@ -171,6 +174,14 @@ def render(report: Report, *, with_error: bool = True) -> str:
         out.append(f"{plural(report.unconfirmed, 'event')} sent but not confirmed (safe to resend)")
     if report.unsent:
         out.append(f"{plural(report.unsent, 'valid event')} read but not sent")
+    for f in report.files:
+        if f.held_back is not None:
+            again = " with --force" if report.checkpoint else ""
+            out.append(
+                f"{f.name}:{f.held_back}: no line ending yet, and not a whole JSON object: "
+                "not read (a writer may still be writing it); run the same command again"
+                f"{again} once the line is complete"
+            )
     for f in report.files:
         if not f.reached:
             out.append(f"{f.name}: not reached, nothing of it was processed")
