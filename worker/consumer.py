@@ -39,7 +39,7 @@ import aiormq.abc
 import aiormq.exceptions
 import asyncpg
 
-from worker import __version__, amqp, broker, events, store
+from worker import __version__, amqp, broker, events, schema, store
 from worker.batching import Dispatcher, Held, Source
 from worker.config import Settings, mask_url
 from worker.errors import (
@@ -47,6 +47,7 @@ from worker.errors import (
     ConfigError,
     PublishError,
     Rejection,
+    SchemaError,
     TransientError,
     UnroutableError,
 )
@@ -145,8 +146,12 @@ class Worker:
                 "batch_size": self.settings.batch_size,
             },
         )
-        if not await self._open_database():
-            return 0
+        try:
+            if not await self._open_database():
+                return 0
+        except SchemaError as exc:  # one line: what is missing, and the command that fixes it
+            log.error("cannot start: %s", exc)
+            return 2
         # Everything made so far (modules, settings, the pool) lives as long as the process:
         # out of the collector's sight, full collections stay short (fewer latency spikes).
         gc.collect()
@@ -227,6 +232,8 @@ class Worker:
         attempt = 0
         while not self._stop.is_set():
             try:
+                # A schema this worker cannot run on is a SchemaError (exit 2, in _run).
+                await schema.require_database(self.settings)
                 self.pool = await store.create_pool(
                     self.settings.database_url,
                     min_size=1,
