@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +16,8 @@ import asyncpg
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, with_user
 from worker import migrations, schema
@@ -94,6 +97,23 @@ def test_version_table_from_environment() -> None:
     for bad in ("Versions", "a-b", "x; DROP TABLE y", "1abc", "a" * 64):
         with pytest.raises(ConfigError, match="PROMPTER_VERSION_TABLE"):
             schema.version_table({"PROMPTER_VERSION_TABLE": bad})
+
+
+@given(st.text(max_size=80))
+def test_version_table_is_a_plain_name_or_refused(raw: str) -> None:
+    """Whatever PROMPTER_VERSION_TABLE holds, the name put into SQL unquoted is a plain
+    lower-case identifier of at most 63 characters (surrounding blanks ignored, empty means
+    the default), or the setting is refused, naming the variable."""
+    plain = re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", raw.strip())
+    if raw.strip() and not plain:
+        with pytest.raises(ConfigError, match=r"^PROMPTER_VERSION_TABLE: "):
+            schema.version_table({"PROMPTER_VERSION_TABLE": raw})
+        return
+    name = schema.version_table({"PROMPTER_VERSION_TABLE": raw})
+    assert name == (raw.strip() or "prompter_alembic_version")
+    assert len(name) <= 63
+    assert name[0] in "abcdefghijklmnopqrstuvwxyz_"
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
 # --- a migrated database --------------------------------------------------------------------
