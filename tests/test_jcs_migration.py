@@ -149,7 +149,7 @@ async def test_old_templates_are_rehashed_and_equal_active_ones_stop_the_migrati
         assert "prompter-worker templates delete" in message
         assert "Nothing was changed" in message
         assert await hashes(conn) == before
-        assert await conn.fetchval("SELECT version_num FROM alembic_version") == BEFORE
+        assert await conn.fetchval("SELECT version_num FROM prompter_alembic_version") == BEFORE
 
         # the message's fix, then again
         await conn.execute(
@@ -184,8 +184,8 @@ async def test_old_templates_are_rehashed_and_equal_active_ones_stop_the_migrati
 
 
 def test_migrate_says_why_it_stops_without_a_traceback(empty_database: str) -> None:
-    """`prompter-worker migrate` over two colliding templates: exit 1, the migration's
-    message naming them, no traceback."""
+    """`prompter-worker migrate` over two colliding templates: exit 2 (like every failed
+    migration), the migration's message naming them, no traceback."""
     migrations.upgrade(empty_database, BEFORE)
     org, ws = str(uuid.uuid4()), str(uuid.uuid4())
 
@@ -201,7 +201,7 @@ def test_migrate_says_why_it_stops_without_a_traceback(empty_database: str) -> N
 
     ids = asyncio.run(insert())
     out = run_cli("migrate", env={"PATH": "/usr/bin:/bin", "DATABASE_URL": empty_database})
-    assert out.returncode == 1, out
+    assert out.returncode == 2, out
     assert "Traceback" not in out.stderr
     for template_id in ids:
         assert template_id in out.stderr

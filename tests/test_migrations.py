@@ -9,6 +9,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from worker import migrations
+from worker.schema import HEAD
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_REVISION = "20250814141329"
@@ -125,7 +127,8 @@ async def indexes(url: str) -> dict[str, str]:
     rows = await fetch(
         url,
         "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
-        " AND tablename LIKE 'prompt_%'",
+        " AND tablename = ANY($1::text[])",
+        list(SPEC_COLUMNS),
     )
     return {r["indexname"]: r["indexdef"] for r in rows}
 
@@ -151,7 +154,9 @@ async def test_spec_unit_test(empty_database: str) -> None:
     await asyncio.to_thread(
         migrations.downgrade, empty_database, SPEC_REVISION
     )  # back to exactly the spec's revision (through the later ones)
-    version = await fetch(empty_database, "SELECT version_num FROM alembic_version")
+    # prompter's revisions are recorded in its own version table (beside any application's
+    # alembic_version).
+    version = await fetch(empty_database, "SELECT version_num FROM prompter_alembic_version")
     assert [r["version_num"] for r in version] == [SPEC_REVISION]
     await asyncio.to_thread(
         migrations.downgrade, empty_database, "-1"
@@ -323,3 +328,436 @@ def test_exactly_one_head_and_every_later_revision_says_why() -> None:
     for revision in script.walk_revisions():
         if revision.revision != SPEC_REVISION:
             assert "Why:" in (revision.module.__doc__ or ""), revision.revision
+
+
+# --- living beside, and inside, an application's own Alembic history (issue 18) -------------
+
+APP_REVISION = "1a2b3c4d5e6f"
+# The spec's step 2: "Edit the file and set your previous migration ID" on this line.
+SPEC_DOWN_REVISION = "down_revision: str | Sequence[str] | None = None"
+PROMPTER_TABLES = {"prompt_templates", "prompt_versions", "prompt_results"}
+
+# An application's own env.py, as `alembic init` makes it, on asyncpg; the default version
+# table (alembic_version), one transaction for the whole run.
+APP_ENV = """
+import asyncio
+
+import asyncpg
+from alembic import context
+from sqlalchemy import pool
+from sqlalchemy.ext.asyncio import create_async_engine
+
+URL = context.config.attributes["database_url"]
+
+
+def run(connection):
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def main():
+    engine = create_async_engine(
+        "postgresql+asyncpg://", async_creator=lambda: asyncpg.connect(URL), poolclass=pool.NullPool
+    )
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+asyncio.run(main())
+"""
+
+APP_REVISION_FILE = f'''"""The application's own tables."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{APP_REVISION}"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        "app_users", sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.Text)
+    )
+
+
+def downgrade():
+    op.drop_table("app_users")
+'''
+
+
+def application(tmp_path: Path, *, embed: bool = False, copy: bool = False) -> Path:
+    """An application's Alembic directory with its own history; its alembic.ini.
+
+    ``embed``: prompter's ``alembic/versions`` added to its ``version_locations``.
+    ``copy``: the spec's integration instructions to the letter: every prompter revision
+    copied into its versions, the V7 one re-parented onto the application's revision.
+    """
+    root = tmp_path / "app"
+    versions = root / "alembic" / "versions"
+    versions.mkdir(parents=True)
+    (root / "alembic" / "env.py").write_text(APP_ENV)
+    (versions / f"{APP_REVISION}_app_tables.py").write_text(APP_REVISION_FILE)
+    locations = [str(versions)]
+    if embed:
+        locations.append(str(ROOT / "alembic" / "versions"))
+    if copy:
+        for source in sorted((ROOT / "alembic" / "versions").glob("*.py")):
+            text = source.read_text()
+            if source.name.startswith(SPEC_REVISION):
+                assert text.count(SPEC_DOWN_REVISION) == 1
+                text = text.replace(SPEC_DOWN_REVISION, f'down_revision = "{APP_REVISION}"')
+            (versions / source.name).write_text(text)
+    ini = root / "alembic.ini"
+    ini.write_text(
+        "[alembic]\n"
+        f"script_location = {root / 'alembic'}\n"
+        f"version_locations = {' '.join(locations)}\n"
+        "path_separator = space\n"
+    )
+    return ini
+
+
+async def app_alembic(ini: Path, url: str, name: str, revision: str) -> None:
+    """The application's `alembic upgrade|downgrade REVISION`."""
+    from alembic import command
+
+    config = Config(str(ini))
+    config.attributes["database_url"] = url
+    await asyncio.to_thread(getattr(command, name), config, revision)
+
+
+async def with_application_history(ini: Path, url: str) -> None:
+    """The database as the application left it: its revision applied, its data in."""
+    await app_alembic(ini, url, "upgrade", APP_REVISION)
+    await fetch(url, "INSERT INTO app_users (name) VALUES ('ada')")
+
+
+async def versions(url: str, table: str) -> list[str]:
+    if not (await fetch(url, "SELECT to_regclass($1) IS NOT NULL AS e", table))[0]["e"]:
+        return []
+    return sorted(r["version_num"] for r in await fetch(url, f"SELECT version_num FROM {table}"))
+
+
+async def application_untouched(url: str) -> None:
+    assert [r["name"] for r in await fetch(url, "SELECT name FROM app_users")] == ["ada"]
+
+
+def cli_env(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTER_")}
+    return {**env, "DATABASE_URL": url, "PROMPTER_LOG_FORMAT": "text", **extra}
+
+
+async def migrate_cli(url: str, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`prompter-worker migrate ARGS` in a subprocess, as an operator runs it."""
+    from tests.helpers import run_cli
+
+    return await asyncio.to_thread(run_cli, "migrate", *args, env=cli_env(url, **extra))
+
+
+def error_line(out: subprocess.CompletedProcess[str]) -> str:
+    """The one error line of a failed command: exit 2, no traceback."""
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, out.stderr
+    return errors[0]
+
+
+async def schema_state(url: str) -> Any:
+    from worker import schema
+
+    conn = await asyncpg.connect(url)
+    try:
+        return await schema.inspect(conn)
+    finally:
+        await conn.close()
+
+
+async def test_beside_an_application_history(empty_database: str, tmp_path: Path) -> None:
+    """The issue's case 1: a database whose alembic_version holds an application's revision,
+    beside its tables. `migrate` applies prompter's history in prompter's own version table;
+    the application's record and tables stay; downgrading prompter's history to base
+    leaves them in place too."""
+    url = empty_database
+    ini = application(tmp_path)
+    await with_application_history(ini, url)
+    out = await migrate_cli(url)
+    assert out.returncode == 0, out.stderr
+    assert f"schema at revision {HEAD} (in prompter_alembic_version), current" in out.stderr
+    assert await versions(url, "alembic_version") == [APP_REVISION]
+    assert await versions(url, "prompter_alembic_version") == [HEAD]
+    assert await tables(url) >= PROMPTER_TABLES
+    await application_untouched(url)
+
+    await asyncio.to_thread(migrations.downgrade, url, "base")
+    assert not PROMPTER_TABLES & await tables(url)
+    assert await versions(url, "alembic_version") == [APP_REVISION]
+    await application_untouched(url)
+    # The application's own history still works on it.
+    await app_alembic(ini, url, "downgrade", "base")
+    assert "app_users" not in await tables(url)
+
+
+async def test_application_embeds_prompter_branch(empty_database: str, tmp_path: Path) -> None:
+    """An application adds prompter's alembic/versions to its version_locations: `alembic
+    upgrade heads` applies prompter's history as the `prompter` branch (recorded in the
+    application's alembic_version); the workers accept it; `prompter-worker migrate`
+    refuses to move that record; `alembic downgrade prompter@base` removes prompter's
+    tables and leaves the application's; `alembic upgrade prompter@head` brings them back."""
+    url = empty_database
+    ini = application(tmp_path, embed=True)
+    await with_application_history(ini, url)
+    await app_alembic(ini, url, "upgrade", "heads")
+    assert await versions(url, "alembic_version") == sorted([APP_REVISION, HEAD])
+    assert await tables(url) >= PROMPTER_TABLES
+    assert "ix_versions_template_id" in await indexes(url)
+    await application_untouched(url)
+    state = await schema_state(url)
+    assert (state.status, state.recorded_in, state.beside) == (
+        "current",
+        "alembic_version",
+        (APP_REVISION,),
+    )
+
+    refused = error_line(await migrate_cli(url))
+    assert f"alembic_version records prompter's revision {HEAD} beside {APP_REVISION}" in refused
+    assert "(`alembic upgrade heads`)" in refused
+    assert await versions(url, "alembic_version") == sorted([APP_REVISION, HEAD])
+    assert await versions(url, "prompter_alembic_version") == []
+
+    await app_alembic(ini, url, "downgrade", "prompter@base")
+    assert not PROMPTER_TABLES & await tables(url)
+    assert await versions(url, "alembic_version") == [APP_REVISION]
+    await application_untouched(url)
+    # The branch alone, by its label.
+    await app_alembic(ini, url, "upgrade", "prompter@head")
+    assert await versions(url, "alembic_version") == sorted([APP_REVISION, HEAD])
+
+
+async def test_copied_v7_revision_reparented(empty_database: str, tmp_path: Path) -> None:
+    """The spec's own instructions: the V7 file copied into the application's versions with
+    down_revision set to the application's revision, and prompter's later revisions copied
+    beside it (they name the V7 revision by its id, which the copy keeps): `alembic upgrade
+    head` applies them all on top of the application's history; the workers accept the
+    schema; `alembic downgrade <application revision>` (the spec's rollback) removes
+    prompter's tables only."""
+    url = empty_database
+    ini = application(tmp_path, copy=True)
+    await with_application_history(ini, url)
+    await app_alembic(ini, url, "upgrade", "head")
+    assert await versions(url, "alembic_version") == [HEAD]
+    assert set(await indexes(url)) == set(SPEC_INDEXES) | set(FK_INDEXES)
+    await application_untouched(url)
+    state = await schema_state(url)
+    assert (state.status, state.recorded_in) == ("current", "alembic_version")
+
+    # prompter-worker migrate cannot tell this record from one an older prompter-worker
+    # left: with the application's tables beside it, it refuses rather than move it.
+    refused = error_line(await migrate_cli(url))
+    assert "the database holds other tables (app_users)" in refused
+    assert "upgrade with it (`alembic upgrade head`)" in refused
+    assert await versions(url, "alembic_version") == [HEAD]
+
+    await app_alembic(ini, url, "downgrade", APP_REVISION)
+    assert not PROMPTER_TABLES & await tables(url)
+    assert await versions(url, "alembic_version") == [APP_REVISION]
+    await application_untouched(url)
+
+
+async def legacy_deployment(url: str, revision: str) -> None:
+    """A database an older prompter-worker migrated: its revisions in alembic_version, and
+    no compatibility records."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PROMPTER_VERSION_TABLE", "alembic_version")
+        await asyncio.to_thread(migrations.upgrade, url, revision)
+    await fetch(url, "DROP TABLE prompter_schema_compat")
+
+
+async def test_record_of_an_older_release_is_moved(empty_database: str) -> None:
+    """An existing deployment (prompter's revision in alembic_version, nothing else in the
+    database): `migrate` moves the record to prompter_alembic_version, says so in one line,
+    and upgrades from there."""
+    url = empty_database
+    await legacy_deployment(url, SPEC_REVISION)
+    out = await migrate_cli(url)
+    assert out.returncode == 0, out.stderr
+    moved = [line for line in out.stderr.splitlines() if line.startswith("moved")]
+    assert moved == [
+        f"moved prompter's schema revision {SPEC_REVISION} from alembic_version to"
+        " prompter_alembic_version (prompter's own version table; alembic_version is left to"
+        " your application)"
+    ]
+    assert await versions(url, "prompter_alembic_version") == [HEAD]
+    assert await versions(url, "alembic_version") == []
+    assert set(await indexes(url)) == set(SPEC_INDEXES) | set(FK_INDEXES)
+    # A second run has nothing to move.
+    again = await migrate_cli(url)
+    assert again.returncode == 0, again.stderr
+    assert "moved" not in again.stderr
+
+
+async def test_record_of_an_older_release_beside_other_tables(empty_database: str) -> None:
+    """The same record, in a database that also holds other tables (it could be an
+    application's copied V7 revision): refused, naming both fixes; with
+    --adopt-alembic-version it is moved."""
+    url = empty_database
+    await legacy_deployment(url, HEAD)
+    await fetch(url, "CREATE TABLE billing (id int)")
+    refused = error_line(await migrate_cli(url))
+    assert "the database holds other tables (billing)" in refused
+    assert "`prompter-worker migrate --adopt-alembic-version`" in refused
+    assert await versions(url, "alembic_version") == [HEAD]
+    out = await migrate_cli(url, "--adopt-alembic-version")
+    assert out.returncode == 0, out.stderr
+    assert f"moved prompter's schema revision {HEAD} from alembic_version" in out.stderr
+    assert await versions(url, "prompter_alembic_version") == [HEAD]
+
+
+async def test_version_table_is_configurable(empty_database: str) -> None:
+    """PROMPTER_VERSION_TABLE names prompter's version table, for migrate and the check."""
+    out = await migrate_cli(empty_database, PROMPTER_VERSION_TABLE="ops_prompter_versions")
+    assert out.returncode == 0, out.stderr
+    assert await versions(empty_database, "ops_prompter_versions") == [HEAD]
+    assert await versions(empty_database, "prompter_alembic_version") == []
+
+
+async def test_tables_without_a_record_are_not_created_again(database: str) -> None:
+    """prompter's tables with no revision recorded anywhere (made by hand): migrate does
+    not try to create them again (a traceback at CREATE TABLE); it says how to record the
+    revision they match."""
+    await fetch(database, "DROP TABLE prompter_alembic_version")
+    line = error_line(await migrate_cli(database))
+    assert "exist but no revision of prompter's is recorded" in line
+    assert "`alembic stamp REVISION`" in line
+
+
+# --- failures reach the operator as one line, exit 2 ------------------------------------------
+
+
+async def test_unknown_revisions_are_one_line(database: str) -> None:
+    """An unknown --revision, and a database at a revision this release does not know (a
+    newer release migrated it): one line each, exit 2, no traceback."""
+    line = error_line(await migrate_cli(database, "--revision", "nosuch"))
+    assert line == "Error: no revision 'nosuch' in prompter's history (see `alembic history`)"
+    await fetch(database, "UPDATE prompter_alembic_version SET version_num = '20991231000000'")
+    line = error_line(await migrate_cli(database))
+    assert (
+        "the database records revision 20991231000000, which this prompter-worker does not" in line
+    )
+    assert "a newer release migrated it" in line
+
+
+async def test_unreachable_database_is_one_line_traceback_at_debug() -> None:
+    """No server: one line naming it (password masked), exit 2; the traceback only with
+    --log-level debug, and still no password."""
+    url = "postgresql://someone:s3cretpw@127.0.0.1:1/prompter"
+    out = await migrate_cli(url)
+    line = error_line(out)
+    assert line.startswith("Error: cannot reach PostgreSQL at postgresql://someone:***@127.0.0.1:1")
+    assert "s3cretpw" not in out.stderr + out.stdout
+    debug = await migrate_cli(url, "--log-level", "debug")
+    assert debug.returncode == 2
+    assert "Traceback" in debug.stderr
+    assert "s3cretpw" not in debug.stderr + debug.stdout
+
+
+async def test_missing_privilege_is_one_line(empty_database: str) -> None:
+    """A role that may not create tables (the workers' runtime role, say): one line saying
+    which role migrate needs, exit 2."""
+    from tests.conftest import _admin, unique_name, with_user
+
+    role = unique_name("prompter_nopriv")
+    await _admin(f"CREATE ROLE \"{role}\" LOGIN PASSWORD 'pw-{role}'")
+    try:
+        line = error_line(await migrate_cli(with_user(empty_database, role, f"pw-{role}")))
+    finally:
+        await _admin(f'DROP ROLE "{role}"')
+    assert line.startswith("Error: permission denied (")
+    assert "migrate needs the role that owns prompter's tables" in line
+
+
+async def test_lock_timeout_while_another_migrate_runs(empty_database: str) -> None:
+    """While another migration holds the migration lock, migrate waits at most
+    --lock-timeout, then fails in one line; once the lock is free it runs."""
+    conn = await asyncpg.connect(empty_database)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", migrations.ADVISORY_LOCK_KEY)
+        line = error_line(await migrate_cli(empty_database, "--lock-timeout", "0.5"))
+        assert line.startswith("Error: a lock was not granted within lock_timeout (0.5 s)")
+        assert not PROMPTER_TABLES & await tables(empty_database)
+    finally:
+        await conn.close()
+    out = await migrate_cli(empty_database)
+    assert out.returncode == 0, out.stderr
+
+
+async def test_concurrent_migrates_run_one_after_the_other(empty_database: str) -> None:
+    """Two migrates started together (one per pod): both succeed, the second finding its
+    work done; the schema is migrated once."""
+    first, second = await asyncio.gather(migrate_cli(empty_database), migrate_cli(empty_database))
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert await versions(empty_database, "prompter_alembic_version") == [HEAD]
+    assert set(await indexes(empty_database)) == set(SPEC_INDEXES) | set(FK_INDEXES)
+
+
+# --- migrations verify what they build (issue 19, 6) ----------------------------------------
+
+
+async def index_valid(url: str, name: str) -> bool | None:
+    rows = await fetch(
+        url, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name
+    )
+    return rows[0]["indisvalid"] if rows else None
+
+
+async def test_interrupted_concurrent_index_build_is_rebuilt(empty_database: str) -> None:
+    """A CREATE INDEX CONCURRENTLY interrupted by the lock timeout (a long transaction on
+    the table) leaves ix_versions_template_id INVALID and migrate fails in one line; the
+    next migrate finds the INVALID index, rebuilds it, and only then records the head."""
+    url = empty_database
+    await asyncio.to_thread(migrations.upgrade, url, SPEC_REVISION)
+    blocker = await asyncpg.connect(url)
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute(
+            "INSERT INTO prompt_versions (org_id, workspace_id, provider,"
+            " provider_version_key, model_id)"
+            " VALUES (gen_random_uuid(), gen_random_uuid(), 'openai', 'k', 'm')"
+        )
+        line = error_line(await migrate_cli(url, "--lock-timeout", "1"))
+        assert line.startswith("Error: a lock was not granted within lock_timeout (1 s)")
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    assert await index_valid(url, "ix_versions_template_id") is False
+    assert await versions(url, "prompter_alembic_version") == [SPEC_REVISION]
+
+    out = await migrate_cli(url)
+    assert out.returncode == 0, out.stderr
+    assert await index_valid(url, "ix_versions_template_id") is True
+    assert await index_valid(url, "ix_results_version_id") is True
+    assert await versions(url, "prompter_alembic_version") == [HEAD]
+
+
+async def test_invalid_index_at_head_fails_migrate_naming_the_fix(database: str) -> None:
+    """A database already at head with an INVALID index (left before this check existed):
+    migrate does not report success; it names the index and the statement that fixes it."""
+    await fetch(
+        database,
+        "UPDATE pg_index SET indisvalid = false"
+        " WHERE indexrelid = 'ix_results_version_id'::regclass",
+    )
+    line = error_line(await migrate_cli(database))
+    assert "index ix_results_version_id is INVALID" in line
+    assert "`REINDEX INDEX CONCURRENTLY ix_results_version_id`" in line
+    await fetch(database, "REINDEX INDEX CONCURRENTLY ix_results_version_id")
+    out = await migrate_cli(database)
+    assert out.returncode == 0, out.stderr

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from worker import __version__, logs
 from worker.config import Settings
-from worker.errors import ConfigError, WorkerError
+from worker.errors import ConfigError, SchemaError, WorkerError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,9 +62,12 @@ def settings_options(*names: str) -> Callable[[F], F]:
 
 
 def run_async(coro: Any) -> Any:
-    """Run a coroutine, turning the worker's own errors into a clean exit with a message."""
+    """Run a coroutine, turning the worker's own errors into a clean exit with a message
+    (exit 2 for a schema the command cannot run on)."""
     try:
         return asyncio.run(coro)
+    except SchemaError as exc:
+        _exit_2(exc)
     except WorkerError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -80,20 +84,66 @@ def main() -> None:
 @click.option(
     "--create-database", is_flag=True, help="Create the database first if it does not exist."
 )
+@click.option(
+    "--lock-timeout",
+    type=click.FloatRange(0, 86_400),
+    envvar="PROMPTER_MIGRATION_LOCK_TIMEOUT",
+    default=10.0,
+    show_default=True,
+    help="Seconds a statement waits for a lock (a busy table, another migrate) before the "
+    "migration fails; 0 waits for ever. [env: PROMPTER_MIGRATION_LOCK_TIMEOUT]",
+)
+@click.option(
+    "--adopt-alembic-version",
+    is_flag=True,
+    help="Move prompter's revision from alembic_version to its own version table even "
+    "though the database holds other tables (a record an older prompter-worker wrote).",
+)
 @settings_options("database_url", "log_level", "log_format")
-def migrate(settings: Settings, revision: str, sql: bool, create_database: bool) -> None:
-    """Bring the database schema up to date (alembic upgrade)."""
+def migrate(
+    *,
+    settings: Settings,
+    revision: str,
+    sql: bool,
+    create_database: bool,
+    lock_timeout: float,
+    adopt_alembic_version: bool,
+) -> None:
+    """Bring the database schema up to date (alembic upgrade), in prompter's own version
+    table (PROMPTER_VERSION_TABLE, default prompter_alembic_version).
+
+    Exits 2 with one line if it cannot (the traceback with --log-level debug).
+    """
     from worker import migrations
 
-    if create_database and not sql:
-        created = run_async(migrations.create_database(settings.database_url))
-        click.echo("database created" if created else "database exists", err=True)
+    def note(line: str) -> None:
+        click.echo(line, err=True)
+
     try:
-        migrations.upgrade(settings.database_url, revision, sql=sql)
-    except (OSError, ConnectionError) as exc:
-        raise click.ClickException(f"cannot reach PostgreSQL: {exc}") from None
-    except WorkerError as exc:  # a revision that refuses the data it found, saying why
-        raise click.ClickException(str(exc)) from None
+        if create_database and not sql:
+            created = asyncio.run(migrations.create_database(settings.database_url))
+            note("database created" if created else "database exists")
+        outcome = migrations.upgrade(
+            settings.database_url,
+            revision,
+            sql=sql,
+            lock_timeout=lock_timeout,
+            adopt_alembic_version=adopt_alembic_version,
+            note=note,
+        )
+    except WorkerError as exc:
+        _exit_2(exc)
+    if outcome.schema is not None:
+        note(outcome.schema.describe())
+        for warning in outcome.schema.warnings:
+            note(f"warning: {warning}")
+
+
+def _exit_2(exc: BaseException) -> NoReturn:
+    """One line on stderr and exit 2; the traceback only at --log-level debug."""
+    logging.getLogger("worker.cli").debug("failed", exc_info=exc)
+    click.echo(f"Error: {exc}", err=True)
+    sys.exit(2)
 
 
 RUN_SETTINGS = tuple(f.name for f in Settings.fields())
@@ -200,7 +250,8 @@ def templates_add(settings: Settings, file: Any) -> None:
     Registering a config that an active template of the workspace already has returns that
     template instead of a copy.
     """
-    from worker import store
+
+    from worker import schema, store
     from worker import templates as tpl
     from worker.errors import Rejection
 
@@ -211,6 +262,7 @@ def templates_add(settings: Settings, file: Any) -> None:
 
     async def go() -> tuple[str, bool]:
         async with store.connect(settings) as conn:
+            await schema.require(conn, database_url=settings.database_url)
             return await tpl.register(conn, spec)
 
     template_id, created = run_async(go())
@@ -239,7 +291,7 @@ def templates_list(
 
     import orjson
 
-    from worker import store
+    from worker import schema, store
     from worker import templates as tpl
 
     for value, name in ((org_id, "--org"), (workspace_id, "--workspace")):
@@ -248,6 +300,7 @@ def templates_list(
 
     async def go() -> list[tpl.TemplateRow]:
         async with store.connect(settings) as conn:
+            await schema.require(conn, database_url=settings.database_url)
             return await tpl.list_templates(
                 conn,
                 org_id=org_id,
@@ -274,13 +327,14 @@ def templates_list(
 @settings_options("database_url", "log_level", "log_format")
 def templates_delete(settings: Settings, template_id: str) -> None:
     """Soft-delete a template. Its history stays, and late results are still accepted."""
-    from worker import store
+    from worker import schema, store
     from worker import templates as tpl
 
     _check_uuid(template_id, "TEMPLATE_ID")
 
     async def go() -> bool:
         async with store.connect(settings) as conn:
+            await schema.require(conn, database_url=settings.database_url)
             return await tpl.soft_delete(conn, template_id)
 
     if not run_async(go()):

@@ -34,12 +34,12 @@ from typing import Any
 
 import asyncpg
 
-from worker import __version__, broker, store
+from worker import __version__, broker, schema, store
 from worker.batching import Dispatcher
 from worker.config import Settings, mask_url
 from worker.database import DatabaseHealth
 from worker.deadletter import DeadLetters
-from worker.errors import ConfigError, TransientError
+from worker.errors import ConfigError, SchemaError, TransientError
 from worker.metrics import Health, Metrics, MetricsServer
 from worker.pipeline import Pipeline
 from worker.retry import Backoff
@@ -160,6 +160,9 @@ class Worker:
         tick = asyncio.create_task(self._tick(), name="tick")
         try:
             opened = await self._open_database()
+        except SchemaError as exc:  # one line: what is missing, and the command that fixes it
+            log.error("cannot start: %s", exc)
+            return 2
         finally:
             if self.pool is None:
                 tick.cancel()
@@ -220,14 +223,7 @@ class Worker:
         attempt = 0
         backoff = Backoff(cap=self.settings.retry_max_seconds)
         while not self.stopping.is_set():
-            opening = asyncio.ensure_future(
-                store.create_pool(
-                    self.settings.database_url,
-                    min_size=1,
-                    max_size=self.settings.db_pool_size + 1,  # one spare for the probe
-                    statement_cache_size=self.settings.statement_cache_size,
-                )
-            )
+            opening = asyncio.ensure_future(self._open_pool())
             stop = asyncio.ensure_future(self.stopping.wait())
             await asyncio.wait({opening, stop}, return_when=asyncio.FIRST_COMPLETED)
             stop.cancel()
@@ -250,6 +246,16 @@ class Worker:
             await self.database.succeeded()
             return True
         return False
+
+    async def _open_pool(self) -> asyncpg.Pool:
+        """The schema checked (a SchemaError stops the worker: exit 2), then the pool."""
+        await schema.require_database(self.settings)
+        return await store.create_pool(
+            self.settings.database_url,
+            min_size=1,
+            max_size=self.settings.db_pool_size + 1,  # one spare for the probe
+            statement_cache_size=self.settings.statement_cache_size,
+        )
 
     async def _processor(self, pipeline: Pipeline) -> None:
         dispatcher = self.dispatcher

@@ -4,6 +4,8 @@
 
     WorkerError
     ├── ConfigError              invalid settings; the process exits with a message, never a trace
+    │   └── SchemaError          the database schema is missing, behind, or newer and incompatible,
+    │                            or a migration failed: one line, naming the fix (exit 2)
     ├── PermanentError           the same input will fail the same way again: never retried
     │   ├── Rejection (value)    one event refused, with a machine ``reason`` and a human ``detail``
     │   │                        (raised by the publisher library; returned, not raised, by
@@ -34,6 +36,13 @@ class WorkerError(Exception):
 
 class ConfigError(WorkerError):
     """Settings are invalid. The message names each variable and flag, and says why."""
+
+
+class SchemaError(ConfigError):
+    """The schema is not one this worker can run on, or ``migrate`` failed.
+
+    The message is one line: what is missing or what failed, and the command that fixes it.
+    """
 
 
 class PermanentError(WorkerError):

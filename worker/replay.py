@@ -38,11 +38,10 @@ from typing import Any, Final, TextIO
 import asyncpg
 from tqdm import tqdm
 
-from worker import broker, jsonl
+from worker import broker, jsonl, schema
 from worker.checkpoint import Checkpoint, Watermark
-from worker.config import Settings, mask_url
+from worker.config import Settings
 from worker.errors import (
-    ConfigError,
     DatabaseConflict,
     DatabaseUnavailable,
     InputError,
@@ -678,13 +677,7 @@ async def _open_pool(settings: Settings, size: int) -> asyncpg.Pool:
         raise unreachable(url, exc) from None
     try:
         async with pool.acquire() as conn:
-            await conn.execute("SELECT 1 FROM prompt_results LIMIT 0")
-    except asyncpg.UndefinedTableError:
-        await pool.close()
-        raise ConfigError(
-            f"the database at {mask_url(url)} has no prompt_results table: "
-            "run `prompter-worker migrate` first"
-        ) from None
+            await schema.require(conn, database_url=url)  # SchemaError: exit 2
     except BaseException:
         await pool.close()
         raise

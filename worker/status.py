@@ -17,9 +17,10 @@ import aiormq
 import aiormq.exceptions
 import asyncpg
 
-from worker import broker
+from worker import broker, schema
 from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
+from worker.schema import SchemaState
 from worker.store import classify
 
 EXACT_COUNT_BELOW: Final = 1_000_000
@@ -65,9 +66,11 @@ class Status:
     newest_result_at: datetime | None
     lag_seconds: float | None
     errors: list[str]
+    schema: SchemaState | None = None  # None: the database could not be read
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["schema"] = self.schema.as_dict() if self.schema else None
         out["newest_result_at"] = (
             self.newest_result_at.isoformat() if self.newest_result_at else None
         )
@@ -98,25 +101,32 @@ async def _queues(settings: Settings) -> list[QueueStatus]:
             await connection.close()
 
 
-async def _database(settings: Settings) -> tuple[dict[str, int], list[str], datetime | None]:
+async def _database(
+    settings: Settings,
+) -> tuple[dict[str, int], list[str], datetime | None, SchemaState]:
     try:
         conn = await asyncpg.connect(asyncpg_dsn(settings.database_url), timeout=10)
     except Exception as exc:
         raise classify(exc) from exc
     try:
+        state = await schema.inspect(conn)
+        if "table prompt_results" in state.missing or state.status == schema.MISSING:
+            return {}, [], None, state
         estimates = {
             r["relname"]: int(r["estimate"]) for r in await conn.fetch(SQL.ESTIMATES, list(TABLES))
         }
         rows: dict[str, int] = {}
         estimated: list[str] = []
         for table in TABLES:
+            if f"table {table}" in state.missing:
+                continue
             if estimates.get(table, 0) < EXACT_COUNT_BELOW:
                 rows[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
             else:
                 rows[table] = estimates[table]
                 estimated.append(table)
         newest = await conn.fetchval(SQL.NEWEST_RESULT)
-        return rows, estimated, newest
+        return rows, estimated, newest, state
     finally:
         await conn.close()
 
@@ -128,6 +138,7 @@ async def collect(settings: Settings) -> Status:
     rows: dict[str, int] = {}
     estimated: list[str] = []
     newest: datetime | None = None
+    state: SchemaState | None = None
     q, d = await asyncio.gather(_queues(settings), _database(settings), return_exceptions=True)
     if isinstance(q, BaseException):
         errors.append(str(q) if isinstance(q, BrokerUnavailable) else f"broker: {q}")
@@ -136,7 +147,7 @@ async def collect(settings: Settings) -> Status:
     if isinstance(d, BaseException):
         errors.append(str(d) if isinstance(d, DatabaseUnavailable) else f"database: {d}")
     else:
-        rows, estimated, newest = d
+        rows, estimated, newest, state = d
     lag = (datetime.now(UTC) - newest).total_seconds() if newest else None
     return Status(
         broker=mask_url(settings.amqp_url),
@@ -147,11 +158,15 @@ async def collect(settings: Settings) -> Status:
         newest_result_at=newest,
         lag_seconds=lag,
         errors=errors,
+        schema=state,
     )
 
 
 def render(status: Status) -> str:
-    lines = [f"broker    {status.broker}", f"database  {status.database}", ""]
+    lines = [f"broker    {status.broker}", f"database  {status.database}"]
+    if status.schema is not None:
+        lines.append(f"schema    {status.schema.describe().removeprefix('schema ')}")
+    lines.append("")
     lines.append(f"{'queue':40} {'ready':>10} {'consumers':>10}")
     for q in status.queues:
         ready = "missing" if q.ready is None else f"{q.ready:,}"

@@ -3,6 +3,12 @@
 Exactly the V7 schema spec (``v7_prompt_upgrade_20250814141329``), nothing more: anything
 the project needs beyond it lives in later revisions, each saying why.
 
+The branch label ``prompter`` lets an application that adds this directory to its
+``version_locations`` address prompter's history as a branch of its own
+(``alembic upgrade prompter@head``, ``alembic downgrade prompter@base``); a copy of this file
+re-parented onto an application's revision (the spec's integration instructions) keeps
+the label, harmlessly, and the revision id the later revisions name.
+
 Reading of the spec: "(required)" is NOT NULL; "(auto-generated)" ids are primary keys
 defaulting to ``gen_random_uuid()``; "(auto-set)" timestamps are NOT NULL defaulting to
 ``now()``; every other column is nullable. Foreign keys keep PostgreSQL's default actions.
@@ -20,8 +26,10 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 revision: str = "20250814141329"
 down_revision: str | Sequence[str] | None = None
-branch_labels: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = ("prompter",)
 depends_on: str | Sequence[str] | None = None
+#: Rolling upgrades: workers of this revision and later run on the schema it leaves.
+workers_compatible_from: str = "20250814141329"
 
 TIMESTAMPTZ = sa.TIMESTAMP(timezone=True)
 

@@ -31,6 +31,11 @@ Downgrade writes back the former form (orjson, keys sorted by code point, number
 Python parses the stored JSON) computed from the same columns: for templates registered
 before this revision that is exactly what they had.
 
+Compatible with older workers? Yes for ingestion: it only rewrites two template columns the
+worker never reads while storing events. An older ``templates add`` would still hash the
+old way (a copy of an existing config may then be registered twice); upgrade the tools
+with the workers.
+
 Revision ID: 20261201090000
 Revises: 20261124090000
 Create Date: 2026-12-01 09:00:00
@@ -54,6 +59,8 @@ revision: str = "20261201090000"
 down_revision: str | Sequence[str] | None = "20261124090000"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+#: Workers that know revision 20250814141329 run on the schema this leaves (see above).
+workers_compatible_from: str = "20250814141329"
 
 log = logging.getLogger("alembic.runtime.migration")
 
