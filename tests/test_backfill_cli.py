@@ -238,7 +238,7 @@ async def test_dead_letters_commands(settings: Settings) -> None:
 
     unselected = await cli_run(settings, "dead-letters", "redrive")
     assert unselected.code == 2
-    assert "--reason, --event-id, --limit or --all" in unselected.err
+    assert "--reason, --event-id, --id, --limit or --all" in unselected.err
 
     refused = await cli_run(settings, "dead-letters", "purge")
     assert refused.code == 2

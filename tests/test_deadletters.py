@@ -3,6 +3,7 @@ redrive after a fix without losing anything, leave the unselected untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.helpers import count, drain, header, publish, queue_depth, running, w
 from worker import broker, deadletters
 from worker.config import Settings
 from worker.consumer import Worker
+from worker.frames import RawProperties, table_entries
 
 
 def props(message_id: str) -> spec.Basic.Properties:
@@ -234,3 +236,122 @@ async def test_purge_empties_the_dead_letter_queue(settings: Settings) -> None:
     assert await deadletters.depth(settings) == 7
     assert await deadletters.purge(settings) == 7
     assert await queue_depth(settings.dead_letter_queue) == 0
+
+
+async def _declared(settings: Settings) -> None:
+    connection = await aiormq.connect(AMQP_URL)
+    try:
+        await broker.open_topology(
+            connection, broker.Topology.from_settings(settings), passive=False
+        )
+    finally:
+        await connection.close()
+
+
+async def test_hostile_dead_letters_are_listed_redriven_and_purged_by_key(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """(issue 12, case 3) Dead letters with a binary message id, header keys that are not
+    UTF-8, or no message id at all never stop the tool: list shows each (ids escaped, a
+    key for the one without), redrive moves one by its key with its hostile headers intact
+    (a worker then stores it), purge deletes another by key, and the rest stay queued."""
+    from tests import rawamqp
+
+    tenant = await make_tenant(conn)
+    await _declared(settings)
+    hostile = rawamqp.table((b"\xff\xfekey", rawamqp.longstr(b"v\xff")))
+    reason = rawamqp.table(
+        (b"x-error-reason", rawamqp.longstr(b"unknown_template")),
+        (b"x-original-routing-key", rawamqp.longstr(b"prompt_run.v1")),
+    )
+    binary = rawamqp.json_message(
+        encode(event_doc(tenant)), message_id=b"\xf0\xf1bin", headers=hostile + reason
+    )
+    anonymous = rawamqp.json_message(encode(event_doc(tenant)), headers=reason)
+    plain = rawamqp.json_message(encode(event_doc(tenant)), message_id=b"plain-1", headers=reason)
+    await rawamqp.publish(
+        [binary, anonymous, plain],
+        settings.dead_letter_exchange,
+        routing_key=b"prompt_run.v1",
+    )
+    await wait_until(lambda: _depth_is(settings.dead_letter_queue, 3), message="3 dead letters")
+
+    listing = await deadletters.list_dead_letters(settings)
+    by_key = {m.key: m for m in listing.messages}
+    assert "\\xf0\\xf1bin" in by_key
+    [hashed] = [k for k in by_key if k.startswith("sha256:")]
+    assert await queue_depth(settings.dead_letter_queue) == 3
+
+    moved = await deadletters.redrive(
+        settings, deadletters.Selection(event_ids=frozenset({"\\xf0\\xf1bin"}))
+    )
+    assert (len(moved.redriven), moved.kept, moved.error) == (1, 2, None)
+    purged = await deadletters.purge_selected(
+        settings, deadletters.Selection(event_ids=frozenset({hashed}))
+    )
+    assert (len(purged.redriven), purged.kept) == (1, 1)
+    left = await rawamqp.drain(settings.dead_letter_queue)
+    assert [RawProperties.parse(h).fields["message_id"] for h, _ in left] == [b"plain-1"]
+    [(header_bytes, _)] = await rawamqp.drain(settings.queue)
+    headers = {
+        k: v for k, _, v in table_entries(RawProperties.parse(header_bytes).fields["headers"])
+    }
+    assert headers[b"\xff\xfekey"] == b"v\xff"
+    assert headers[b"x-redrive-count"] == (1).to_bytes(8, "big")
+    assert b"x-error-reason" not in headers
+    assert RawProperties.parse(header_bytes).fields["message_id"] == b"\xf0\xf1bin"
+
+
+async def test_an_interrupted_redrive_says_what_it_moved_and_loses_nothing(
+    settings: Settings,
+) -> None:
+    """(issue 19, item 7) SIGINT during a redrive of 5,000 dead letters: it stops, prints
+    how many it moved (exit 130), and every message is in exactly one of the two queues."""
+    import signal
+
+    from tests import rawamqp
+    from tests.test_backfill_cli import start
+
+    await _declared(settings)
+    reason = rawamqp.table((b"x-error-reason", rawamqp.longstr(b"unknown_template")))
+    messages = [
+        rawamqp.json_message(b'{"n": %d}' % i, message_id=b"m-%d" % i, headers=reason)
+        for i in range(5000)
+    ]
+    await rawamqp.publish(messages, settings.dead_letter_exchange, routing_key=b"prompt_run.v1")
+    await wait_until(lambda: _depth_is(settings.dead_letter_queue, 5000), message="5,000 dead")
+    process = await start(settings, "dead-letters", "redrive", "--all", "--window", "8")
+
+    async def moving() -> bool:
+        return await queue_depth(settings.dead_letter_queue) < 4990
+
+    await wait_until(moving, within=60, message="the redrive under way")
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 130, err
+    moved = int(out.decode().split("redrove ")[1].split(" ")[0].replace(",", ""))
+    assert "interrupted" in out.decode()
+    assert 0 < moved < 5000
+    dead = await queue_depth(settings.dead_letter_queue)
+    live = await queue_depth(settings.queue)
+    assert (dead, live) == (5000 - moved, moved)
+
+
+async def test_redrive_consumes_with_a_prefetch(settings: Settings) -> None:
+    """(issue 19, item 7) 20,000 dead letters are redriven in one run, each confirmed before
+    its copy is removed; the rate is reported (it was one basic.get per message before)."""
+    from tests import rawamqp
+
+    await _declared(settings)
+    reason = rawamqp.table((b"x-error-reason", rawamqp.longstr(b"unknown_template")))
+    messages = [
+        rawamqp.json_message(b'{"n": %d}' % i, message_id=b"m-%d" % i, headers=reason)
+        for i in range(20_000)
+    ]
+    await rawamqp.publish(messages, settings.dead_letter_exchange, routing_key=b"prompt_run.v1")
+    await wait_until(lambda: _depth_is(settings.dead_letter_queue, 20_000), message="filled")
+    report = await deadletters.redrive(settings, deadletters.Selection())
+    assert (len(report.redriven), report.error) == (20_000, None)
+    assert await queue_depth(settings.dead_letter_queue) == 0
+    assert await queue_depth(settings.queue) == 20_000
+    print(f"redrive: {len(report.redriven) / report.elapsed:,.0f} messages/s")

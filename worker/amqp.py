@@ -612,6 +612,26 @@ class Connection(asyncio.Protocol):
         self._published[channel] = collections.OrderedDict()
         self._next_tag[channel] = 1
 
+    async def open_plain(self, channel: int, timeout: float = 10) -> None:
+        """Open ``channel`` for queue commands (:meth:`queue_depth`, :meth:`purge`)."""
+        await self._rpc(spec.Channel.Open(), channel, (spec.Channel.OpenOk,), timeout)
+
+    async def queue_depth(self, channel: int, queue: str, timeout: float = 10) -> tuple[int, int]:
+        """(ready messages, consumers) of ``queue``, by a passive declare. A missing queue
+        closes the connection (the broker closes the channel): :class:`AMQPError` 404."""
+        ok = await self._rpc(
+            spec.Queue.Declare(queue=queue, passive=True),
+            channel,
+            (spec.Queue.DeclareOk,),
+            timeout,
+        )
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+    async def purge(self, channel: int, queue: str, timeout: float = 30) -> int:
+        """Delete every ready message of ``queue``; how many."""
+        ok = await self._rpc(spec.Queue.Purge(queue=queue), channel, (spec.Queue.PurgeOk,), timeout)
+        return int(ok.message_count or 0)
+
     async def consume(self, channel: int, queue: str, timeout: float = 10) -> str:
         ok = await self._rpc(
             spec.Basic.Consume(queue=queue, no_ack=False), channel, (spec.Basic.ConsumeOk,), timeout

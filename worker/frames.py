@@ -358,3 +358,60 @@ def body_size(payload: bytes | memoryview) -> int:
     """The body size a content header payload announces."""
     value: int = _U64.unpack_from(payload, 4)[0]
     return value
+
+
+def decode_table(table: bytes) -> dict[str, object]:
+    """A field table's content as Python values, for reading what the broker and the
+    worker wrote (``x-death``, ``x-error-*``): keys and strings as text (invalid UTF-8
+    escaped), integers, floats, booleans, nested tables as dicts and arrays as lists, byte
+    arrays as bytes, timestamps as seconds. Raises :class:`Malformed`."""
+    check_table(table, "headers")
+    return _decode_entries(memoryview(table))
+
+
+def _decode_entries(data: memoryview) -> dict[str, object]:
+    out: dict[str, object] = {}
+    at = 0
+    while at < len(data):
+        length = data[at]
+        key = bytes(data[at + 1 : at + 1 + length]).decode("utf-8", "backslashreplace")
+        at += 1 + length
+        value, at = _decode_value(data, at)
+        out[key] = value
+    return out
+
+
+def _decode_value(data: memoryview, at: int) -> tuple[object, int]:
+    kind = bytes(data[at : at + 1])
+    at += 1
+    end = _skip_value(data, at, kind, depth=0, what="headers")
+    raw = bytes(data[at:end])
+    if kind in _INTEGERS:
+        _, signed = _INTEGERS[kind]
+        return int.from_bytes(raw, "big", signed=signed), end
+    if kind == b"t":
+        return raw != b"\x00", end
+    if kind == b"T":
+        return int.from_bytes(raw, "big"), end
+    if kind == b"d":
+        return struct.unpack(">d", raw)[0], end
+    if kind == b"f":
+        return struct.unpack(">f", raw)[0], end
+    if kind == b"S":
+        return raw[4:].decode("utf-8", "backslashreplace"), end
+    if kind == b"x":
+        return raw[4:], end
+    if kind == b"F":
+        return _decode_entries(memoryview(raw[4:])), end
+    if kind == b"A":
+        items = []
+        inner = memoryview(raw[4:])
+        pos = 0
+        while pos < len(inner):
+            item, pos = _decode_value(inner, pos)
+            items.append(item)
+        return items, end
+    if kind == b"D":
+        scale, value = raw[0], int.from_bytes(raw[1:], "big", signed=True)
+        return value / (10**scale), end
+    return None, end  # V: void
