@@ -32,7 +32,8 @@ SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_EVENT_BYTES: Final = 1_048_576
 MAX_KEY_LENGTH: Final = 512
 
-# Machine reasons. Decoding produces the first seven; the store adds the last three.
+# Machine reasons. Decoding produces the first seven; the store adds the last three, and
+# CONFLICTING_DUPLICATE: an event_id already stored with other content.
 INVALID_JSON: Final = "invalid_json"
 NOT_AN_OBJECT: Final = "not_an_object"
 MISSING_FIELD: Final = "missing_field"
@@ -43,6 +44,7 @@ UNSTORABLE_CONTENT: Final = "unstorable_content"
 UNSUPPORTED_CONTENT_TYPE: Final = "unsupported_content_type"
 UNKNOWN_TEMPLATE: Final = "unknown_template"
 TEMPLATE_TENANT_MISMATCH: Final = "template_tenant_mismatch"
+CONFLICTING_DUPLICATE: Final = "conflicting_duplicate"
 
 REASONS: Final = (
     INVALID_JSON,
@@ -55,6 +57,7 @@ REASONS: Final = (
     UNSUPPORTED_CONTENT_TYPE,
     UNKNOWN_TEMPLATE,
     TEMPLATE_TENANT_MISMATCH,
+    CONFLICTING_DUPLICATE,
 )
 
 ACCEPTED_CONTENT_TYPES: Final = frozenset({"application/json", "application/json; charset=utf-8"})
