@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import with_user
 from tests.factories import (
     BASE_TIME,
     Tenant,
@@ -38,6 +40,29 @@ from worker.store import Outcome, Store
 
 def at(seconds: float) -> datetime:
     return BASE_TIME + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def pool(database: str, runtime_role: tuple[str, str]) -> AsyncIterator[asyncpg.Pool]:
+    """The worker's pool, logged in as the least-privilege runtime role
+    (``sql/runtime_role.sql``, column rights only), as in production: every test of this
+    module that ingests through the ``store`` fixture proves its path works with those
+    rights (COPY, INSERT, the look-up and comparison of repeats, ON CONFLICT under
+    savepoints, bisection, the merge and its FOR NO KEY UPDATE)."""
+    p = await store_module.create_pool(with_user(database, *runtime_role), max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def test_the_store_fixture_logs_in_as_the_runtime_role(
+    store: Store, runtime_role: tuple[str, str]
+) -> None:
+    """The tests of this module run as the runtime role, not as the superuser."""
+    async with store.pool.acquire() as c:
+        assert await c.fetchval("SELECT current_user") == runtime_role[0]
+        assert not await c.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
 
 
 async def test_result_row_holds_the_event(store: Store, conn: asyncpg.Connection) -> None:
@@ -791,9 +816,10 @@ async def test_a_batch_of_new_events_and_repeats_merges_only_the_new(
         fresh = event(t, version_key="k", occurred_at=at(10 + round_))
         repeats = [_copy(e, occurred_at=at(1000).isoformat(), provider="zzz") for e in stored]
         result = await store.ingest([repeats[0], fresh, *repeats[1:]])
-        assert _reasons(result) == ["conflicting_duplicate", Outcome.STORED] + [
-            "conflicting_duplicate"
-        ] * 2
+        assert (
+            _reasons(result)
+            == ["conflicting_duplicate", Outcome.STORED] + ["conflicting_duplicate"] * 2
+        )
         v = await conn.fetchrow("SELECT * FROM prompt_versions")
         assert (v["first_seen_at"], v["last_seen_at"], v["provider"]) == (
             at(0),
