@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,7 +28,9 @@ from tests.factories import (
     snapshot,
     spaced,
 )
+from tests.helpers import run_cli
 from worker import store as store_module
+from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
     DatabaseError,
@@ -908,3 +912,31 @@ async def test_value_the_driver_cannot_encode_is_rejected_alone(
     assert (v["first_seen_at"], v["last_seen_at"]) == (at(0), at(6))
     # The store keeps working on the same connections.
     assert (await store.ingest([event(t, occurred_at=at(7))])).stored == 1
+
+
+async def test_replay_direct_refuses_a_conflicting_duplicate_and_exits_1(
+    settings: Settings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`replay --direct` (as the runtime role) reports a conflicting duplicate as a refused
+    line, with its reason and the differing column in the rejects file, and exits 1; the
+    exact repeat is a duplicate; the version row holds nothing of the conflicting copy."""
+    t = await make_tenant(conn)
+    x, y = event(t, occurred_at=at(1)), event(t, occurred_at=at(2))
+    conflicting = _copy(x, occurred_at=at(900).isoformat(), provider="zzz")
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"\n".join([x.body, x.body, conflicting.body, y.body]) + b"\n")
+    rejects = tmp_path / "rejects.jsonl"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": settings.database_url,
+        "PROMPTER_LOG_FORMAT": "text",
+    }
+    args = ("replay", "--direct", str(path), "--rejects", str(rejects), "--batch-size", "2")
+    result = await asyncio.to_thread(run_cli, *args, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stored 2 events (1 stored before), 1 refused" in result.stdout
+    [reject] = [orjson.loads(line) for line in rejects.read_bytes().splitlines()]
+    assert (reject["line"], reject["reason"]) == (3, "conflicting_duplicate")
+    assert '"occurred_at"' in reject["detail"]
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"], v["provider"]) == (at(1), at(2), "openai")
