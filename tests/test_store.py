@@ -720,7 +720,7 @@ async def test_conflicting_duplicates_change_nothing_and_are_reported(
     store: Store, conn: asyncpg.Connection
 ) -> None:
     """Issue 13, case 1. Event X is stored (2025, key v-a). X again with key v-b and
-    provider evil, and X again with v-a, provider zzz and occurred_at 2031, are both
+    provider evil, and X again with v-a, provider zzz and a later occurred_at, are both
     conflicting duplicates naming the columns that differ: no phantom version v-b, and v-a
     still says what its only result says. Another tenant's event reusing the id is one
     too, its detail naming none of the stored row's values, and it gets no version row."""
@@ -730,7 +730,7 @@ async def test_conflicting_duplicates_change_nothing_and_are_reported(
     before = await snapshot(conn)
 
     evil = _copy(x, provider_version_key="v-b", provider="evil")
-    late = _copy(x, provider="zzz", occurred_at="2031-01-01T00:00:00Z")
+    late = _copy(x, provider="zzz", occurred_at="2026-01-01T00:00:00Z")  # not in the future
     foreign = _copy(
         x,
         org_id=other.org_id,
