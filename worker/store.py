@@ -27,12 +27,13 @@ COPY, when every body is compact JSON as orjson writes it (the decoder then kept
 text of ``request``, ``response`` and ``analysis_config``: see
 :func:`worker.events.exact_columns`), which spares PostgreSQL parsing the rest of each
 body and inserts like COPY does; otherwise a plain ``INSERT ... SELECT`` from arrays that
-parses each whole body; and, while bisecting, ``INSERT ... ON CONFLICT (id) DO NOTHING
-RETURNING id``. A batch taken to be new that holds a stored id fails with a unique
-violation; it is then redone with the look-up first, and so are the next
+parses each whole body; and, while bisecting or after a race, ``INSERT ... ON CONFLICT
+(id) DO NOTHING RETURNING id``. A batch taken to be new that holds a stored id fails with a
+unique violation; it is then redone with the look-up first, and so are the next
 :data:`SAFE_BATCHES_AFTER_REPEAT` batches. An id stored by another worker between the
-look-up and the insert fails the insert the same way (or is missing from ``RETURNING``):
-the transaction is redone, and the look-up then sees that row.
+look-up and the insert fails the insert the same way: the transaction is then redone under
+a savepoint per round with ``ON CONFLICT``, and a savepoint whose insert skipped an id is
+rolled back and redone, its look-up now seeing that row.
 
 The version row is a pure function of the *set* of stored events: first_seen = least,
 last_seen = greatest, fingerprint_captured_at = greatest non-null, provider and model_id from
@@ -257,7 +258,8 @@ class SQL:
 
 
 class Outcome(enum.Enum):
-    """What happened to one valid event."""
+    """What happened to one valid event: stored, or a duplicate of a stored event with the
+    same content (one with other content is a Rejection, ``conflicting_duplicate``)."""
 
     STORED = "stored"
     DUPLICATE = "duplicate"
@@ -590,8 +592,12 @@ class Store:
     ) -> None:
         """Settle the stored events of ``todo`` and write the others under a savepoint,
         skipping (ON CONFLICT) any id stored meanwhile; if one was skipped, the versions
-        counted it: roll the savepoint back and do it again, the id now being stored."""
-        while True:
+        counted it: roll the savepoint back and do it again, the id now being stored.
+
+        Each redo settles at least the ids the last one skipped, so there are at most
+        ``len(todo)`` of them; past that something else is wrong, and the caller retries.
+        """
+        for _ in range(len(todo) + 1):
             mine: Settled = {}
             found: dict[VersionKey, str] = {}
             try:
@@ -610,6 +616,7 @@ class Store:
             learned.update(found)  # visible to the later savepoints of this transaction
             settled.update(mine)
             return
+        raise DatabaseConflict("event ids kept being skipped as stored yet not found; retrying")
 
     async def _settle_stored(
         self,
