@@ -931,7 +931,10 @@ async def test_replay_direct_refuses_a_conflicting_duplicate_and_exits_1(
         "DATABASE_URL": settings.database_url,
         "PROMPTER_LOG_FORMAT": "text",
     }
-    args = ("replay", "--direct", str(path), "--rejects", str(rejects), "--batch-size", "2")
+    # One transaction at a time, so the first line is stored first (in flight together,
+    # either copy could be the first stored, and the other the conflicting one).
+    args = ("replay", "--direct", str(path), "--rejects", str(rejects), "--batch-size", "2",
+            "--concurrency", "1")  # fmt: skip
     result = await asyncio.to_thread(run_cli, *args, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "stored 2 events (1 stored before), 1 refused" in result.stdout
