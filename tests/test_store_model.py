@@ -217,7 +217,7 @@ def model_versions(stored: list[Event]) -> dict[tuple[str, ...], tuple[Any, ...]
 def copies(draw: st.DrawFn, tenants: list[Tenant]) -> list[Event]:
     """Events: a few event ids, each sent 1-3 times, the later copies exact repeats (maybe
     in another JSON form or offset), differing only in what results do not keep, or
-    conflicting in one kept column."""
+    conflicting in one kept column; maybe one event of its own that cannot be encoded."""
     out = []
     for _ in range(draw(st.integers(1, 8), label="ids")):
         event_id = str(uuid.uuid4())
@@ -277,7 +277,15 @@ def copies(draw: st.DrawFn, tenants: list[Tenant]) -> list[Event]:
                     template_id=other.template_id,
                 )
             out.append(_event(doc, form))
+    if draw(st.booleans(), label="one event the driver cannot encode"):
+        doc = event_doc(tenants[0], occurred_at=TIE, request={"x": 1}, response={"y": 2})
+        out.append(_event(doc)._replace(occurred_at=BEYOND_UTC))
     return out
+
+
+#: A valid RFC 3339 instant that is year 10000 in UTC (set past the decoder): asyncpg cannot
+#: encode it, so its batch is bisected and it alone rejected.
+BEYOND_UTC = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-1)))
 
 
 @settings(
@@ -292,8 +300,9 @@ async def test_versions_are_a_function_of_the_stored_events(
     """Any events, copies and conflicting copies, in any batches over 1-4 concurrent
     connections, on either collation: one result row per event_id holding the copy
     reported stored; every other copy reported once, a duplicate if its content is the
-    stored one's and a conflicting duplicate if not; prompt_versions exactly the model of
-    the stored copies (no row, and no value, from any other copy)."""
+    stored one's and a conflicting duplicate if not; an event the driver cannot encode
+    rejected alone; prompt_versions exactly the model of the stored copies (no row, and
+    no value, from any other event)."""
     _, url, runtime_url = collated
     async with fresh(url) as (conn, tenants):
         sent = data.draw(copies(tenants), label="events")
@@ -325,6 +334,10 @@ async def test_versions_are_a_function_of_the_stored_events(
         assert len(outcomes) == len(sent)
         by_id: dict[str, list[tuple[Event, Outcome | Rejection]]] = defaultdict(list)
         for e, o in outcomes:
+            if e.occurred_at == BEYOND_UTC:
+                assert isinstance(o, Rejection), o
+                assert o.reason == "unstorable_content", o
+                continue
             by_id[e.event_id].append((e, o))
         stored: dict[str, Event] = {}
         for event_id, reported in by_id.items():
