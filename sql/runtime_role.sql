@@ -11,15 +11,24 @@
 -- certificate or peer authentication). Idempotent: re-running it resets the role's
 -- attributes and its rights on the three tables to exactly these.
 --
--- What the worker does with each right:
---   prompt_templates  SELECT          the tenancy check of each event's template
---   prompt_versions   SELECT, INSERT, UPDATE   the version upsert (ON CONFLICT DO UPDATE)
---   prompt_results    SELECT, INSERT  the insert (ON CONFLICT DO NOTHING ... RETURNING id),
---                                     and `prompter-worker status`
--- Nothing else: no DELETE or TRUNCATE, no DDL (no CREATE on the schema or the database,
--- owns no object), not a superuser, cannot create roles or databases, no replication, no
--- BYPASSRLS, member of no role. Templates are registered by the owner role
--- (`prompter-worker templates add`), never by the worker.
+-- What the worker does with each right. Rights are granted column by column: a right on
+-- the whole table would also cover columns added later, and UPDATE the keys and tenants
+-- of a version.
+--   prompt_templates  SELECT (id, org_id, workspace_id)
+--                         the tenancy check of each event's template; `status` counts rows
+--   prompt_versions   SELECT (every column)   the version ids, and the merge reads the row
+--                     INSERT (every column but id, which defaults)   new version keys
+--                     UPDATE (first_seen_at, last_seen_at, fingerprint_captured_at,
+--                             provider, model_id)   the merge (and its FOR NO KEY UPDATE
+--                             lock); never the key or the tenant of a version
+--   prompt_results    INSERT (every column)   COPY, INSERT and INSERT ... ON CONFLICT
+--                     SELECT (every column but version_id)   which event ids are stored,
+--                             and comparing a repeated event with its stored row (in SQL:
+--                             the payloads are read, never sent back); `status`
+-- Nothing else: no DELETE or TRUNCATE, no UPDATE of results, no DDL (no CREATE on the
+-- schema or the database, owns no object), not a superuser, cannot create roles or
+-- databases, no replication, no BYPASSRLS, member of no role. Templates are registered by
+-- the owner role (`prompter-worker templates add`), never by the worker.
 
 \set ON_ERROR_STOP on
 \if :{?role}
@@ -49,9 +58,19 @@ REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 REVOKE ALL ON SCHEMA public FROM :"role";
 GRANT USAGE ON SCHEMA public TO :"role";
 
+-- REVOKE ALL on a table takes back its column rights too.
 REVOKE ALL ON prompt_templates, prompt_versions, prompt_results FROM :"role";
-GRANT SELECT ON prompt_templates TO :"role";
-GRANT SELECT, INSERT, UPDATE ON prompt_versions TO :"role";
-GRANT SELECT, INSERT ON prompt_results TO :"role";
+GRANT SELECT (id, org_id, workspace_id) ON prompt_templates TO :"role";
+GRANT SELECT (id, org_id, workspace_id, template_id, provider_version_key, provider,
+              model_id, fingerprint_captured_at, first_seen_at, last_seen_at),
+      INSERT (org_id, workspace_id, template_id, provider_version_key, provider, model_id,
+              fingerprint_captured_at, first_seen_at, last_seen_at),
+      UPDATE (first_seen_at, last_seen_at, fingerprint_captured_at, provider, model_id)
+    ON prompt_versions TO :"role";
+GRANT INSERT (id, org_id, workspace_id, template_id, version_id, provider_version_key,
+              system_fingerprint, request, response, analysis_config, created_at),
+      SELECT (id, org_id, workspace_id, template_id, provider_version_key,
+              system_fingerprint, request, response, analysis_config, created_at)
+    ON prompt_results TO :"role";
 
 COMMIT;

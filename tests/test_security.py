@@ -34,10 +34,29 @@ from worker.errors import ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("prompt_templates", "prompt_versions", "prompt_results")
 PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+#: The runtime role's rights, column by column (none on any table as a whole).
+VERSION_COLUMNS = (
+    "id", "org_id", "workspace_id", "template_id", "provider_version_key", "provider",
+    "model_id", "fingerprint_captured_at", "first_seen_at", "last_seen_at",
+)  # fmt: skip
+RESULT_COLUMNS = (
+    "id", "org_id", "workspace_id", "template_id", "version_id", "provider_version_key",
+    "system_fingerprint", "request", "response", "analysis_config", "created_at",
+)  # fmt: skip
+MUTABLE_VERSION_COLUMNS = (
+    "first_seen_at", "last_seen_at", "fingerprint_captured_at", "provider", "model_id",
+)  # fmt: skip
 GRANTED = {
-    "prompt_templates": {"SELECT"},
-    "prompt_versions": {"SELECT", "INSERT", "UPDATE"},
-    "prompt_results": {"SELECT", "INSERT"},
+    "prompt_templates": {"SELECT": {"id", "org_id", "workspace_id"}},
+    "prompt_versions": {
+        "SELECT": set(VERSION_COLUMNS),
+        "INSERT": set(VERSION_COLUMNS) - {"id"},
+        "UPDATE": set(MUTABLE_VERSION_COLUMNS),
+    },
+    "prompt_results": {
+        "SELECT": set(RESULT_COLUMNS) - {"version_id"},
+        "INSERT": set(RESULT_COLUMNS),
+    },
 }
 
 
@@ -49,8 +68,10 @@ async def test_runtime_role_has_only_what_ingestion_needs(
 ) -> None:
     """sql/runtime_role.sql makes a login role that is no superuser, creates no role or
     database, replicates nothing, bypasses no row security, belongs to no role, owns
-    nothing, may not create in the schema or the database, and holds exactly SELECT on
-    templates, SELECT/INSERT/UPDATE on versions and SELECT/INSERT on results."""
+    nothing, may not create in the schema or the database, holds no right on any table as
+    a whole, and exactly these column rights: SELECT of a template's id and tenant;
+    SELECT, INSERT and UPDATE of the mutable columns only on versions; INSERT and SELECT
+    (but of version_id) on results."""
     role = runtime_role[0]
     attrs = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", role)
     assert attrs["rolcanlogin"]
@@ -77,14 +98,34 @@ async def test_runtime_role_has_only_what_ingestion_needs(
             for p in PRIVILEGES
             if await conn.fetchval("SELECT has_table_privilege($1, $2, $3)", role, table, p)
         }
-        assert held == GRANTED[table], table
+        assert held == set(), table
+        columns = [
+            r[0]
+            for r in await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass"
+                " AND attnum > 0 AND NOT attisdropped",
+                table,
+            )
+        ]
+        by_column = {
+            p: {
+                c
+                for c in columns
+                if await conn.fetchval(
+                    "SELECT has_column_privilege($1, $2, $3, $4)", role, table, c, p
+                )
+            }
+            for p in ("SELECT", "INSERT", "UPDATE", "REFERENCES")
+        }
+        assert {p: cs for p, cs in by_column.items() if cs} == GRANTED[table], table
 
 
 async def test_runtime_role_ingests_and_is_refused_everything_else(
     conn: asyncpg.Connection, database: str, runtime_role: tuple[str, str]
 ) -> None:
-    """Logged in as the runtime role, the store ingests a batch; DELETE, TRUNCATE, DDL and
-    writing templates are refused by PostgreSQL."""
+    """Logged in as the runtime role, the store ingests a batch; DELETE, TRUNCATE, DDL,
+    writing templates, updating results or a version's key, tenant or template, and
+    reading columns ingestion does not read are refused by PostgreSQL."""
     from worker.store import Store, create_pool
 
     t = await make_tenant(conn)
@@ -98,6 +139,13 @@ async def test_runtime_role_ingests_and_is_refused_everything_else(
                 "DELETE FROM prompt_results",
                 "TRUNCATE prompt_versions",
                 "UPDATE prompt_results SET system_fingerprint = 'x'",
+                f"UPDATE prompt_versions SET org_id = '{uuid.uuid4()}'",
+                "UPDATE prompt_versions SET template_id = NULL",
+                "UPDATE prompt_versions SET workspace_id = org_id",
+                "UPDATE prompt_versions SET provider_version_key = 'x'",
+                "UPDATE prompt_versions SET id = gen_random_uuid()",
+                "SELECT version_id FROM prompt_results",
+                "SELECT config_canonical_json FROM prompt_templates",
                 "CREATE TABLE sneaky (id int)",
                 "ALTER TABLE prompt_results ADD COLUMN sneaky int",
                 "DROP TABLE prompt_results",

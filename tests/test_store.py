@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import uuid
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import with_user
 from tests.factories import (
     BASE_TIME,
     Tenant,
@@ -24,7 +28,9 @@ from tests.factories import (
     snapshot,
     spaced,
 )
+from tests.helpers import run_cli
 from worker import store as store_module
+from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
     DatabaseError,
@@ -38,6 +44,29 @@ from worker.store import Outcome, Store
 
 def at(seconds: float) -> datetime:
     return BASE_TIME + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def pool(database: str, runtime_role: tuple[str, str]) -> AsyncIterator[asyncpg.Pool]:
+    """The worker's pool, logged in as the least-privilege runtime role
+    (``sql/runtime_role.sql``, column rights only), as in production: every test of this
+    module that ingests through the ``store`` fixture proves its path works with those
+    rights (COPY, INSERT, the look-up and comparison of repeats, ON CONFLICT under
+    savepoints, bisection, the merge and its FOR NO KEY UPDATE)."""
+    p = await store_module.create_pool(with_user(database, *runtime_role), max_size=4)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def test_the_store_fixture_logs_in_as_the_runtime_role(
+    store: Store, runtime_role: tuple[str, str]
+) -> None:
+    """The tests of this module run as the runtime role, not as the superuser."""
+    async with store.pool.acquire() as c:
+        assert await c.fetchval("SELECT current_user") == runtime_role[0]
+        assert not await c.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
 
 
 async def test_result_row_holds_the_event(store: Store, conn: asyncpg.Connection) -> None:
@@ -143,10 +172,14 @@ async def test_stored_json_is_what_postgresql_makes_of_the_body(
 async def test_compact_batches_are_copied(
     store: Store, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch of compact bodies is written with COPY; one body of another form, or a batch
-    after a repeated event, sends the batch through INSERT; the rows are the same."""
+    """A batch of compact bodies is written with COPY; one body of another form sends the
+    batch through INSERT. A batch holding a repeated event fails the COPY and is redone
+    looking its ids up first, and so are the batches after it for a while: the stored one
+    is settled without being written, the new ones are COPYed; the rows are the same."""
     copies: list[int] = []
+    lookups: list[int] = []
     copy = asyncpg.Connection.copy_records_to_table
+    fetch = asyncpg.Connection.fetch
 
     async def counting(self: asyncpg.Connection, table: str, **kwargs: Any) -> str:
         records = list(kwargs.pop("records"))
@@ -154,7 +187,13 @@ async def test_compact_batches_are_copied(
         result: str = await copy(self, table, records=records, **kwargs)
         return result
 
+    async def looking(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == store_module.SQL.STORED_IDS:
+            lookups.append(len(args[0].split()))
+        return await fetch(self, query, *args, **kwargs)
+
     monkeypatch.setattr(asyncpg.Connection, "copy_records_to_table", counting)
+    monkeypatch.setattr(asyncpg.Connection, "fetch", looking)
     t = await make_tenant(conn)
     assert (await store.ingest([event(t), event(t)])).stored == 2
     assert copies == [2]
@@ -163,10 +202,13 @@ async def test_compact_batches_are_copied(
     e = event(t)
     assert (await store.ingest([e, event(t)])).outcomes == [Outcome.STORED] * 2
     assert copies == [2, 2]
+    assert lookups == []  # new events are not looked up
     assert (await store.ingest([event(t), e])).outcomes == [Outcome.STORED, Outcome.DUPLICATE]
-    assert copies == [2, 2, 2]  # the COPY failed on the repeat; INSERT ... ON CONFLICT did it
+    assert copies == [2, 2, 2, 1]  # the COPY failed on the repeat; the new one COPYed alone
+    assert lookups == [2]
     assert (await store.ingest([event(t)])).stored == 1
-    assert copies == [2, 2, 2]  # still the safe statement for a while after a repeat
+    assert copies == [2, 2, 2, 1, 1]
+    assert lookups == [2, 1]  # still looked up for a while after a repeat
     assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 8
 
 
@@ -513,8 +555,9 @@ def test_result_counts() -> None:
 async def test_event_stored_concurrently_by_another_worker_is_a_duplicate(
     store: Store, conn: asyncpg.Connection, database: str
 ) -> None:
-    """Another transaction inserts the same event_id and commits while our batch waits on it:
-    our batch is rerun, that event counts as a duplicate, the others are stored."""
+    """Another transaction inserts the same event (same content) and commits while our
+    batch waits on it: our batch is rerun, that event counts as a duplicate, the others are
+    stored."""
     t = await make_tenant(conn)
     x, y = event(t), event(t)
     await store.ingest([event(t)])  # the version row and the template cache exist
@@ -525,12 +568,17 @@ async def test_event_stored_concurrently_by_another_worker_is_a_duplicate(
         version_id = await other.fetchval("SELECT id FROM prompt_versions")
         await other.execute(
             "INSERT INTO prompt_results (id, org_id, workspace_id, template_id, version_id,"
-            " request, response, created_at) VALUES ($1, $2, $3, $4, $5, '{}', '{}', now())",
+            " provider_version_key, system_fingerprint, request, response, created_at)"
+            " SELECT $1, $2, $3, $4, $5, d ->> 'provider_version_key',"
+            " d ->> 'system_fingerprint', d -> 'request', d -> 'response', $6"
+            " FROM (SELECT convert_from($7::bytea, 'UTF8')::jsonb AS d) AS s",
             uuid.UUID(x.event_id),
             uuid.UUID(t.org_id),
             uuid.UUID(t.workspace_id),
             uuid.UUID(t.template_id),
             version_id,
+            x.occurred_at,
+            x.body,
         )
         task = asyncio.create_task(store.ingest([x, y]))
         for _ in range(200):
@@ -651,3 +699,247 @@ async def test_concurrent_batches_merging_the_same_versions_never_deadlock(
     assert await conn.fetchval("SELECT max(last_seen_at) FROM prompt_versions") == at(
         1 + (ROUNDS - 1) * 10 + 5
     )
+
+
+# --- versions from stored events only: conflicting duplicates -------------------------------
+
+
+def _copy(e: Event, **changes: Any) -> Event:
+    """Another event with ``e``'s event_id: its document with ``changes``."""
+    doc = {**orjson.loads(e.body), **changes}
+    decoded = decode(encode(doc))
+    assert isinstance(decoded, Event), decoded
+    return decoded
+
+
+def _reasons(result: store_module.IngestResult) -> list[object]:
+    return [o if isinstance(o, Outcome) else o.reason for o in result.outcomes]
+
+
+async def test_conflicting_duplicates_change_nothing_and_are_reported(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """Issue 13, case 1. Event X is stored (2025, key v-a). X again with key v-b and
+    provider evil, and X again with v-a, provider zzz and a later occurred_at, are both
+    conflicting duplicates naming the columns that differ: no phantom version v-b, and v-a
+    still says what its only result says. Another tenant's event reusing the id is one
+    too, its detail naming none of the stored row's values, and it gets no version row."""
+    t, other = await make_tenant(conn), await make_tenant(conn)
+    x = event(t, version_key="v-a", occurred_at=datetime(2025, 3, 1, tzinfo=UTC))
+    assert (await store.ingest([x])).outcomes == [Outcome.STORED]
+    before = await snapshot(conn)
+
+    evil = _copy(x, provider_version_key="v-b", provider="evil")
+    late = _copy(x, provider="zzz", occurred_at="2026-01-01T00:00:00Z")  # not in the future
+    foreign = _copy(
+        x,
+        org_id=other.org_id,
+        workspace_id=other.workspace_id,
+        template_id=other.template_id,
+        provider_version_key="v-c",
+    )
+    for copy, differing in (
+        (evil, ['"provider_version_key"']),
+        (late, ['"occurred_at"']),
+        (foreign, []),
+    ):
+        [outcome] = (await store.ingest([copy])).outcomes
+        assert isinstance(outcome, Rejection), outcome
+        assert outcome.reason == "conflicting_duplicate"
+        for column in differing:
+            assert column in outcome.detail
+        for value in (t.org_id, t.workspace_id, t.template_id, "v-a", "Where is my order"):
+            assert value not in outcome.detail
+    assert "another org or workspace" in outcome.detail
+    assert await snapshot(conn) == before
+    keys = {r[0] for r in await conn.fetch("SELECT provider_version_key FROM prompt_versions")}
+    assert keys == {"v-a"}
+
+
+async def test_exact_repeats_in_another_form_are_plain_duplicates(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """An exact repeat is a duplicate whatever its form: indented, keys in another order,
+    numbers written otherwise (1.5 and 1.50 are the same JSON value), occurred_at in another
+    offset for the same instant. Fields not kept per result (provider, model_id,
+    fingerprint_captured_at) cannot be compared: a copy differing only there is a duplicate
+    too, and changes nothing."""
+    t = await make_tenant(conn)
+    x = event(t, occurred_at=at(0), request={"t": 1.5, "messages": ["hi"]})
+    assert (await store.ingest([x])).outcomes == [Outcome.STORED]
+    before = await snapshot(conn)
+    doc = orjson.loads(x.body)
+    reordered = decode(encode(dict(reversed(doc.items()))).replace(b'"t":1.5', b'"t":1.50'))
+    assert isinstance(reordered, Event)
+    offset = _copy(x, occurred_at=at(0).astimezone(timezone(timedelta(hours=5))).isoformat())
+    newest = _copy(x, provider="zzz", model_id="zzz", fingerprint_captured_at=at(99).isoformat())
+    result = await store.ingest([spaced(x), reordered, offset, newest])
+    assert result.outcomes == [Outcome.DUPLICATE] * 4
+    assert await snapshot(conn) == before
+
+
+async def test_copies_within_one_batch_first_wins(store: Store, conn: asyncpg.Connection) -> None:
+    """Copies of one event_id in one batch: the first is written, a later exact copy is a
+    duplicate and a later different one a conflicting duplicate; the version row comes from
+    the first copy only, whichever path (COPY or INSERT) the batch takes."""
+    t = await make_tenant(conn)
+    for compact in (True, False):
+        x = event(t, version_key=f"k-{compact}", occurred_at=at(10))
+        if not compact:
+            x = spaced(x)
+        conflicting = _copy(x, occurred_at=at(500).isoformat(), provider="zzz")
+        phantom = _copy(x, provider_version_key=f"phantom-{compact}")
+        y = event(t, version_key=f"k-{compact}", occurred_at=at(20))
+        result = await store.ingest([x, conflicting, y, x, phantom])
+        assert _reasons(result) == [
+            Outcome.STORED,
+            "conflicting_duplicate",
+            Outcome.STORED,
+            Outcome.DUPLICATE,
+            "conflicting_duplicate",
+        ]
+        v = await conn.fetchrow(
+            "SELECT * FROM prompt_versions WHERE provider_version_key = $1", f"k-{compact}"
+        )
+        assert (v["first_seen_at"], v["last_seen_at"], v["provider"]) == (at(10), at(20), "openai")
+    keys = {r[0] for r in await conn.fetch("SELECT provider_version_key FROM prompt_versions")}
+    assert keys == {"k-True", "k-False"}
+    assert await conn.fetchval("SELECT count(*) FROM prompt_results") == 4
+
+
+async def test_a_batch_of_new_events_and_repeats_merges_only_the_new(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    """A batch mixing new events with conflicting repeats of stored ones (the batch that
+    makes the COPY fail and is rerun): the new events are stored and merged, the repeats
+    touch nothing, and the batches after it (checked for repeats first) do the same."""
+    t = await make_tenant(conn)
+    stored = [event(t, version_key="k", occurred_at=at(i)) for i in range(3)]
+    await store.ingest(stored)
+    for round_ in range(3):
+        fresh = event(t, version_key="k", occurred_at=at(10 + round_))
+        repeats = [_copy(e, occurred_at=at(1000).isoformat(), provider="zzz") for e in stored]
+        result = await store.ingest([repeats[0], fresh, *repeats[1:]])
+        assert (
+            _reasons(result)
+            == ["conflicting_duplicate", Outcome.STORED] + ["conflicting_duplicate"] * 2
+        )
+        v = await conn.fetchrow("SELECT * FROM prompt_versions")
+        assert (v["first_seen_at"], v["last_seen_at"], v["provider"]) == (
+            at(0),
+            at(10 + round_),
+            "openai",
+        )
+
+
+async def test_event_stored_concurrently_with_other_content_is_a_conflict(
+    store: Store, conn: asyncpg.Connection, database: str
+) -> None:
+    """Another transaction stores event X (other content, same key) after our batch
+    checked that X was new, and commits while our insert waits on it: the batch is redone,
+    X is a conflicting duplicate, and the version row holds nothing of our copy."""
+    t = await make_tenant(conn)
+    seed = event(t, version_key="k", occurred_at=at(1))
+    x, y = event(t, version_key="k", occurred_at=at(900)), event(t, occurred_at=at(2))
+    await store.ingest([seed])
+    await store.ingest([seed])  # a repeat: the next batches check for repeats first
+    other = await asyncpg.connect(database)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        version_id = await other.fetchval("SELECT id FROM prompt_versions")
+        await other.execute(
+            "INSERT INTO prompt_results (id, org_id, workspace_id, template_id, version_id,"
+            " provider_version_key, request, response, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, 'k', '{}', '{}', $6)",
+            uuid.UUID(x.event_id),
+            uuid.UUID(t.org_id),
+            uuid.UUID(t.workspace_id),
+            uuid.UUID(t.template_id),
+            version_id,
+            at(1),
+        )
+        task = asyncio.create_task(store.ingest([x, y]))
+        for _ in range(200):
+            waiting = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
+                " AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting, "our insert never waited on the other transaction"
+        await tx.commit()
+        result = await asyncio.wait_for(task, 30)
+    finally:
+        await other.close()
+    assert _reasons(result) == ["conflicting_duplicate", Outcome.STORED]
+    v = await conn.fetchrow("SELECT * FROM prompt_versions WHERE provider_version_key = 'k'")
+    assert (v["first_seen_at"], v["last_seen_at"]) == (at(1), at(1))
+
+
+# --- values the driver cannot encode ------------------------------------------------------
+
+#: A valid RFC 3339 instant that is year 10000 in UTC: asyncpg cannot encode it.
+BEYOND_UTC = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-1)))
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["copy", "insert"])
+async def test_value_the_driver_cannot_encode_is_rejected_alone(
+    store: Store, conn: asyncpg.Connection, compact: bool
+) -> None:
+    """Issue 12: an event whose value asyncpg cannot encode (occurred_at beyond year 9999
+    in UTC: OverflowError inside COPY, DataError for INSERT's arguments) is a data error:
+    the batch is bisected, that event rejected as unstorable_content naming the cause (not
+    quoting values), its neighbours stored, and nothing of it reaches prompt_versions."""
+    t = await make_tenant(conn)
+    # The version key is known already, so the results are written first (COPY's records
+    # or INSERT's arguments), before any statement about versions.
+    assert (await store.ingest([event(t, occurred_at=at(0))])).stored == 1
+    good = [event(t, occurred_at=at(i)) for i in range(1, 7)]
+    bad = event(t, occurred_at=at(3))._replace(occurred_at=BEYOND_UTC)
+    if not compact:
+        good, bad = [spaced(e) for e in good], spaced(bad)._replace(occurred_at=BEYOND_UTC)
+    result = await store.ingest([*good[:2], bad, *good[2:]])
+    assert result.stored == 6
+    [(index, rejection)] = result.rejected
+    assert index == 2
+    assert rejection.reason == "unstorable_content"
+    assert "OverflowError" in rejection.detail
+    assert "datetime" not in rejection.detail
+    assert "9999" not in rejection.detail
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"]) == (at(0), at(6))
+    # The store keeps working on the same connections.
+    assert (await store.ingest([event(t, occurred_at=at(7))])).stored == 1
+
+
+async def test_replay_direct_refuses_a_conflicting_duplicate_and_exits_1(
+    settings: Settings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """`replay --direct` (as the runtime role) reports a conflicting duplicate as a refused
+    line, with its reason and the differing column in the rejects file, and exits 1; the
+    exact repeat is a duplicate; the version row holds nothing of the conflicting copy."""
+    t = await make_tenant(conn)
+    x, y = event(t, occurred_at=at(1)), event(t, occurred_at=at(2))
+    conflicting = _copy(x, occurred_at=at(900).isoformat(), provider="zzz")
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"\n".join([x.body, x.body, conflicting.body, y.body]) + b"\n")
+    rejects = tmp_path / "rejects.jsonl"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DATABASE_URL": settings.database_url,
+        "PROMPTER_LOG_FORMAT": "text",
+    }
+    # One transaction at a time, so the first line is stored first (in flight together,
+    # either copy could be the first stored, and the other the conflicting one).
+    args = ("replay", "--direct", str(path), "--rejects", str(rejects), "--batch-size", "2",
+            "--concurrency", "1")  # fmt: skip
+    result = await asyncio.to_thread(run_cli, *args, env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stored 2 events (1 stored before), 1 refused" in result.stdout
+    [reject] = [orjson.loads(line) for line in rejects.read_bytes().splitlines()]
+    assert (reject["line"], reject["reason"]) == (3, "conflicting_duplicate")
+    assert '"occurred_at"' in reject["detail"]
+    v = await conn.fetchrow("SELECT * FROM prompt_versions")
+    assert (v["first_seen_at"], v["last_seen_at"], v["provider"]) == (at(1), at(2), "openai")

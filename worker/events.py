@@ -38,8 +38,9 @@ DEFAULT_MAX_EVENT_BYTES: Final = 16 * 1_048_576
 MAX_KEY_LENGTH: Final = 512
 DEFAULT_MAX_FUTURE_SECONDS: Final = 86_400.0
 
-# Machine reasons. Decoding produces the first seven, the store the next two, and the
-# worker's intake the last two (from the AMQP message rather than its body).
+# Machine reasons. Decoding produces the first seven; the store the next three
+# (CONFLICTING_DUPLICATE: an event_id already stored with other content); the worker's
+# intake the last two (from the AMQP message rather than its body).
 INVALID_JSON: Final = "invalid_json"
 NOT_AN_OBJECT: Final = "not_an_object"
 MISSING_FIELD: Final = "missing_field"
@@ -50,6 +51,7 @@ UNSTORABLE_CONTENT: Final = "unstorable_content"
 UNSUPPORTED_CONTENT_TYPE: Final = "unsupported_content_type"
 UNKNOWN_TEMPLATE: Final = "unknown_template"
 TEMPLATE_TENANT_MISMATCH: Final = "template_tenant_mismatch"
+CONFLICTING_DUPLICATE: Final = "conflicting_duplicate"
 INVALID_PROPERTIES: Final = "invalid_properties"
 DELIVERY_LIMIT: Final = "delivery_limit"
 
@@ -64,6 +66,7 @@ REASONS: Final = (
     UNSUPPORTED_CONTENT_TYPE,
     UNKNOWN_TEMPLATE,
     TEMPLATE_TENANT_MISMATCH,
+    CONFLICTING_DUPLICATE,
     INVALID_PROPERTIES,
     DELIVERY_LIMIT,
 )

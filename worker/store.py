@@ -5,28 +5,48 @@ set-based SQL (COPY, or arrays through ``unnest``), whatever the batch size:
 
 1. the templates of the batch are checked for tenancy (a cache of ``id -> (org, workspace)``
    saves the round trip for templates already seen: those columns never change);
-2. events sharing a version key are collapsed in Python (a multi-row upsert may not touch a
+2. the events to write are known before anything is written: either the batch is taken to
+   be new (the fast path: COPY or a plain INSERT fails on an id already stored), or the ids
+   already stored are looked up first and those events only compared with the stored rows;
+3. events sharing a version key are collapsed in Python (a multi-row upsert may not touch a
    row twice), and the keys are sorted, so concurrent workers lock rows in the same order;
-3. version keys not seen before are inserted, the results are written, rows sorted by id
+4. version keys not seen before are inserted, the results are written, rows sorted by id
    (again: one lock order for all), and the existing version rows are merged, last.
+
+So a version row only ever hears of the events whose result rows the same transaction
+inserted: a repeated ``event_id`` never touches ``prompt_versions``. A repeat with the same
+content is :attr:`Outcome.DUPLICATE`; one whose content differs from the stored row is
+rejected as ``conflicting_duplicate``, naming the columns that differ (for another tenant's
+row, none: only that the id belongs to another org or workspace). The first stored copy
+always wins. Copies of one id within a batch are written in rounds (first copies, then
+second copies, ...) in the same transaction, so a later copy is judged against the first
+exactly as a copy in a later batch is.
 
 The results are written one of three ways, each a single statement for the whole batch:
 COPY, when every body is compact JSON as orjson writes it (the decoder then kept the exact
 text of ``request``, ``response`` and ``analysis_config``: see
 :func:`worker.events.exact_columns`), which spares PostgreSQL parsing the rest of each
 body and inserts like COPY does; otherwise a plain ``INSERT ... SELECT`` from arrays that
-parses each whole body; and, for a while after a batch held an event already stored,
-``INSERT ... ON CONFLICT (id) DO NOTHING``, since a repeated id fails the other two.
+parses each whole body; and, while bisecting or after a race, ``INSERT ... ON CONFLICT
+(id) DO NOTHING RETURNING id``. A batch taken to be new that holds a stored id fails with a
+unique violation; it is then redone with the look-up first, and so are the next
+:data:`SAFE_BATCHES_AFTER_REPEAT` batches. An id stored by another worker between the
+look-up and the insert fails the insert the same way: the transaction is then redone under
+a savepoint per round with ``ON CONFLICT``, and a savepoint whose insert skipped an id is
+rolled back and redone, its look-up now seeing that row.
 
-The version row is a pure function of the *set* of events: first_seen = least,
+The version row is a pure function of the *set* of stored events: first_seen = least,
 last_seen = greatest, fingerprint_captured_at = greatest non-null, provider and model_id from
-the event with the greatest ``(occurred_at, provider, model_id)``. Every one of these is an
+the event with the greatest ``(occurred_at, provider, model_id)``, strings compared by
+code point (Python's ``str`` order, which is UTF-8 byte order, and ``COLLATE "C"`` in SQL),
+so ties resolve the same in every database collation. Every one of these is an
 associative, commutative maximum or minimum, so batches may arrive in any order, any number
 of times, and converge.
 
-If PostgreSQL refuses the batch for a *data* error (SQLSTATE classes 22, 23, 54), the batch
-is bisected under savepoints until the offending events are found; they are rejected and the
-rest is stored, still in one transaction. Every other failure is a
+If PostgreSQL refuses the batch for a *data* error (SQLSTATE classes 22, 23, 54), or asyncpg
+cannot encode a value of it (an ``OverflowError`` for a timestamp beyond year 9999 in UTC,
+say), the batch is bisected under savepoints until the offending events are found; they are
+rejected and the rest is stored, still in one transaction. Every other failure is a
 :class:`~worker.errors.TransientError` and the whole batch is left to the caller to retry.
 """
 
@@ -100,6 +120,10 @@ class SQL:
     # results meanwhile (the results' foreign-key checks take KEY SHARE locks, which do not
     # conflict with these). Rows the batch would not change are not touched at all (every
     # field only ever moves one way, so skipping on a stale snapshot is safe).
+    # The newest event is the greatest (last_seen_at, provider, model_id) with the strings
+    # in byte order (COLLATE "C"), as Python compares them: never the column's collation,
+    # under which an ICU database orders 'azure' < 'Bedrock' and the result would depend on
+    # how the events were cut into batches.
     # Its subquery locks the rows to change in id order: every transaction takes its locks
     # in one order (new version keys by key, results by id, existing version rows by id), so
     # workers never deadlock each other. (A plain UPDATE ... FROM locks in the order of its
@@ -117,8 +141,8 @@ class SQL:
              OR (u.fingerprint_captured_at IS NOT NULL
                  AND (v.fingerprint_captured_at IS NULL
                       OR u.fingerprint_captured_at > v.fingerprint_captured_at))
-             OR (u.last_seen_at, u.provider, u.model_id)
-              > (v.last_seen_at, v.provider, v.model_id))
+             OR (u.last_seen_at, u.provider COLLATE "C", u.model_id COLLATE "C")
+              > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C"))
     """
     MERGE_VERSIONS: Final = f"""
         UPDATE prompt_versions AS v SET
@@ -127,12 +151,12 @@ class SQL:
             fingerprint_captured_at =
                 GREATEST(v.fingerprint_captured_at, l.fingerprint_captured_at),
             provider = CASE
-                WHEN (l.last_seen_at, l.provider, l.model_id)
-                   > (v.last_seen_at, v.provider, v.model_id)
+                WHEN (l.last_seen_at, l.provider COLLATE "C", l.model_id COLLATE "C")
+                   > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C")
                 THEN l.provider ELSE v.provider END,
             model_id = CASE
-                WHEN (l.last_seen_at, l.provider, l.model_id)
-                   > (v.last_seen_at, v.provider, v.model_id)
+                WHEN (l.last_seen_at, l.provider COLLATE "C", l.model_id COLLATE "C")
+                   > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C")
                 THEN l.model_id ELSE v.model_id END
         FROM (
             SELECT v.id, u.provider, u.model_id, u.fingerprint_captured_at,
@@ -145,13 +169,13 @@ class SQL:
         WHERE v.id = l.id
     """
 
-    # The results, for batches that cannot be COPYed (a body not in compact form) or may
-    # hold repeats. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
+    # The results, for batches that cannot be COPYed (a body not in compact form) or are
+    # being bisected. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
     # inserted concurrently by another worker is waited for, then skipped) and returns the
-    # ids it inserted. INSERT_RESULTS_FAST is a plain INSERT: about 15% faster (no
-    # speculative insertion, see bench/README.md), but one repeated event fails it with a
-    # unique violation, as it fails COPY; the store uses either while batches hold new
-    # events only.
+    # ids it inserted: bisection uses it, as a unique violation there would look like bad
+    # data. INSERT_RESULTS_FAST is a plain INSERT: about 15% faster (no speculative
+    # insertion, see bench/README.md), but one repeated event fails it with a unique
+    # violation, as it fails COPY; the store uses either for events it takes to be new.
     # (An anti-join, WHERE NOT EXISTS, was tried and rejected: its plan depends on table
     # statistics, and a generic plan made while the table was small seq-scans it forever.)
     # $1..$4: per version key (org, workspace, template, version id); $5..$9: one row per
@@ -188,9 +212,54 @@ class SQL:
     )
     INSERT_RESULTS_FAST: Final = _RESULTS_TEMPLATE
 
+    # Which of these event ids are stored already: one index probe each. Run before writing
+    # whenever the batch may hold repeats; the ids come back in no particular order.
+    STORED_IDS: Final = """
+        SELECT id::text FROM prompt_results WHERE id = ANY(string_to_array($1, ' ')::uuid[])
+    """
+    # The repeats of a batch against their stored rows: per id, whether the row belongs to
+    # another org or workspace, and the names of the other columns whose values differ.
+    # Compared in SQL, the way the row was written: the JSON values as jsonb (the same JSON
+    # value, whatever its text: key order, spacing, escapes, 1.5 vs 1.50), occurred_at as an
+    # instant, text exactly. Nothing of the stored row leaves the server but these names.
+    # $1..$7: one element per event; $8..$10 locate its body in $10 as in _RESULTS_TEMPLATE.
+    COMPARE_STORED: Final = """
+        SELECT u.id::text,
+               r.org_id <> u.org_id OR r.workspace_id <> u.workspace_id AS other_tenant,
+               array_remove(ARRAY[
+                   CASE WHEN r.template_id IS DISTINCT FROM u.template_id
+                        THEN 'template_id' END,
+                   CASE WHEN r.provider_version_key IS DISTINCT FROM u.provider_version_key
+                        THEN 'provider_version_key' END,
+                   CASE WHEN r.system_fingerprint IS DISTINCT FROM u.system_fingerprint
+                        THEN 'system_fingerprint' END,
+                   CASE WHEN r.created_at IS DISTINCT FROM u.occurred_at
+                        THEN 'occurred_at' END,
+                   CASE WHEN r.request IS DISTINCT FROM d.doc -> 'request'
+                        THEN 'request' END,
+                   CASE WHEN r.response IS DISTINCT FROM d.doc -> 'response'
+                        THEN 'response' END,
+                   CASE WHEN r.analysis_config
+                             IS DISTINCT FROM NULLIF(d.doc -> 'analysis_config', 'null'::jsonb)
+                        THEN 'analysis_config' END
+               ], NULL) AS differing
+        FROM unnest(string_to_array($1, ' ')::uuid[], $2::uuid[], $3::uuid[], $4::uuid[],
+                    $5::text[], $6::text[], $7::timestamptz[],
+                    string_to_array($8, ' ')::int[], string_to_array($9, ' ')::int[])
+             AS u(id, org_id, workspace_id, template_id, provider_version_key,
+                  system_fingerprint, occurred_at, body_start, body_length)
+        JOIN prompt_results AS r ON r.id = u.id
+        CROSS JOIN LATERAL (
+            SELECT convert_from(substring($10::bytea FROM u.body_start FOR u.body_length),
+                                'UTF8')::jsonb AS doc
+            OFFSET 0
+        ) AS d
+    """
+
 
 class Outcome(enum.Enum):
-    """What happened to one valid event."""
+    """What happened to one valid event: stored, or a duplicate of a stored event with the
+    same content (one with other content is a Rejection, ``conflicting_duplicate``)."""
 
     STORED = "stored"
     DUPLICATE = "duplicate"
@@ -376,11 +445,14 @@ RESULT_COLUMNS: Final = (
     "system_fingerprint", "request", "response", "analysis_config", "created_at",
 )  # fmt: skip
 
-#: After a batch held a repeated event, this many batches use INSERT_RESULTS before trying
-#: COPY or INSERT_RESULTS_FAST again: replaying stored history costs one failed attempt
-#: per 16.
+#: After a batch held a repeated event, this many batches look their ids up before writing
+#: instead of taking them to be new: replaying stored history costs one failed attempt per
+#: 16 batches, and a look-up per batch.
 SAFE_BATCHES_AFTER_REPEAT: Final = 16
+RESULTS_PRIMARY_KEY: Final = "prompt_results_pkey"
 VersionKey = tuple[str, str, str, str]
+#: Where the outcomes of one attempt are kept until its transaction commits.
+Settled = dict[int, Outcome | Rejection]
 
 
 class Store:
@@ -409,9 +481,9 @@ class Store:
         try:
             async with self.pool.acquire() as conn:
                 await self._check_tenants(conn, events, outcomes)
-                todo = self._first_occurrences(events, outcomes)
-                if todo:
-                    await self._ingest(conn, events, todo, outcomes)
+                rounds = self._rounds(events, outcomes)
+                if rounds:
+                    await self._ingest(conn, events, rounds, outcomes)
         except TransientError:
             raise
         except Exception as exc:
@@ -428,45 +500,186 @@ class Store:
         self,
         conn: asyncpg.Connection,
         events: Sequence[Event],
-        todo: list[int],
+        rounds: list[list[int]],
         outcomes: list[Outcome | Rejection | None],
     ) -> None:
-        batch = [events[i] for i in todo]
-        for attempt in range(3):
-            fast = self._safe_batches == 0
-            self._safe_batches = max(self._safe_batches - 1, 0)
+        """The batch's transaction, redone until it commits, each time more cautiously.
+
+        The first attempt takes the batch to be new (unless a repeat was seen lately), the
+        next looks its ids up first; if another worker stores one of them between look-up
+        and insert, the next writes under savepoints, skipping stored ids, and redoes a
+        savepoint that skipped one (the skipped ids are committed by then, so each redo
+        settles them for good: no livelock). After a data error, the batch is bisected.
+        """
+        mode = _Mode.FAST if self._safe_batches == 0 else _Mode.CHECKED
+        self._safe_batches = max(self._safe_batches - 1, 0)
+        forgot_versions = False
+        while True:
+            settled: Settled = {}
+            learned: dict[VersionKey, str] = {}
             try:
                 async with conn.transaction():
-                    inserted, learned = await self._write(conn, batch, fast=fast)
+                    for n, todo in enumerate(rounds):
+                        if mode is _Mode.BISECT:
+                            await self._bisect(conn, events, todo, settled, learned)
+                        elif mode is _Mode.CAREFUL:
+                            await self._careful(conn, events, todo, settled, learned)
+                        else:
+                            fast = mode is _Mode.FAST and n == 0
+                            await self._round(conn, events, todo, settled, learned, fast=fast)
             except asyncpg.UniqueViolationError as exc:
-                if not fast or exc.constraint_name != "prompt_results_pkey":
+                if exc.constraint_name != RESULTS_PRIMARY_KEY or mode not in _TAKES_NEW:
                     raise
-                # A repeated event (a redelivery, a replay, another worker): run it again
-                # with the statement that skips repeats.
+                # FAST: a repeated event it did not look for (a redelivery, a replay): look
+                # from now on. CHECKED: another worker stored an id since the look-up.
                 self._safe_batches = SAFE_BATCHES_AFTER_REPEAT
+                mode = _Mode.CHECKED if mode is _Mode.FAST else _Mode.CAREFUL
                 continue
             except asyncpg.ForeignKeyViolationError as exc:
-                if exc.constraint_name != "prompt_results_version_id_fkey" or attempt:
-                    if not is_data_error(exc):
-                        raise
-                    break
-                # A cached version id whose row was deleted by someone: forget them all.
-                self._versions.clear()
-                continue
-            except asyncpg.PostgresError as exc:
-                if not is_data_error(exc):
+                if (
+                    exc.constraint_name == "prompt_results_version_id_fkey"
+                    and not forgot_versions
+                    and mode is not _Mode.BISECT
+                ):
+                    # A cached version id whose row was deleted by someone: forget them all.
+                    self._versions.clear()
+                    forgot_versions = True
+                    continue
+                if mode is _Mode.BISECT or not is_data_error(exc):
                     raise
-                break
+                mode = _Mode.BISECT
+                continue
+            except Exception as exc:
+                if mode is _Mode.BISECT or not _is_data_fault(exc):
+                    raise
+                # The database refused the data of some event: find which, store the rest.
+                mode = _Mode.BISECT
+                continue
+            for i, outcome in settled.items():
+                outcomes[i] = outcome
             self._remember(learned)
-            for i in todo:
-                stored = inserted is None or events[i].event_id in inserted
-                outcomes[i] = Outcome.STORED if stored else Outcome.DUPLICATE
             return
-        # The database refused the data of some event: find which, store the rest.
-        learned = {}
-        async with conn.transaction():
-            await self._bisect(conn, events, todo, outcomes, learned)
-        self._remember(learned)
+
+    async def _round(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[Event],
+        todo: list[int],
+        settled: Settled,
+        learned: dict[VersionKey, str],
+        *,
+        fast: bool,
+    ) -> None:
+        """Write the events ``todo`` (distinct event ids) in the caller's transaction with
+        COPY or a plain INSERT, which fail on a stored id: all of them if ``fast``, else
+        those not stored when looked up (the stored ones are settled)."""
+        if not fast:
+            todo = await self._settle_stored(conn, events, todo, settled)
+            if not todo:
+                return
+        _, found = await self._write(conn, [events[i] for i in todo], fast=True, pending=learned)
+        learned.update(found)
+        for i in todo:
+            settled[i] = Outcome.STORED
+
+    async def _careful(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[Event],
+        todo: list[int],
+        settled: Settled,
+        learned: dict[VersionKey, str],
+    ) -> None:
+        """Settle the stored events of ``todo`` and write the others under a savepoint,
+        skipping (ON CONFLICT) any id stored meanwhile; if one was skipped, the versions
+        counted it: roll the savepoint back and do it again, the id now being stored.
+
+        Each redo settles at least the ids the last one skipped, so there are at most
+        ``len(todo)`` of them; past that something else is wrong, and the caller retries.
+        """
+        for _ in range(len(todo) + 1):
+            mine: Settled = {}
+            found: dict[VersionKey, str] = {}
+            try:
+                async with conn.transaction():  # a savepoint inside the batch's transaction
+                    new = await self._settle_stored(conn, events, todo, mine)
+                    if new:
+                        batch = [events[i] for i in new]
+                        inserted, found = await self._write(
+                            conn, batch, fast=False, pending=learned
+                        )
+                        if inserted != {e.event_id for e in batch}:
+                            raise _Raced
+                        mine.update(dict.fromkeys(new, Outcome.STORED))
+            except _Raced:
+                continue
+            learned.update(found)  # visible to the later savepoints of this transaction
+            settled.update(mine)
+            return
+        raise DatabaseConflict("event ids kept being skipped as stored yet not found; retrying")
+
+    async def _settle_stored(
+        self,
+        conn: asyncpg.Connection,
+        events: Sequence[Event],
+        todo: list[int],
+        settled: Settled,
+    ) -> list[int]:
+        """Settle the events of ``todo`` whose id is stored already (a duplicate, or a
+        conflicting duplicate); the others, still to write."""
+        with _encoding():
+            rows = await conn.fetch(SQL.STORED_IDS, " ".join([events[i].event_id for i in todo]))
+        if not rows:
+            return todo
+        stored = {r[0] for r in rows}
+        repeats = [i for i in todo if events[i].event_id in stored]
+        verdicts = await self._compare(conn, [events[i] for i in repeats])
+        for i in repeats:
+            verdict = verdicts.get(events[i].event_id)
+            if verdict is None:  # deleted by someone between the two statements
+                raise DatabaseConflict("a result row vanished while being compared; retrying")
+            settled[i] = verdict
+        return [i for i in todo if events[i].event_id not in stored]
+
+    @staticmethod
+    async def _compare(
+        conn: asyncpg.Connection, repeats: list[Event]
+    ) -> dict[str, Outcome | Rejection]:
+        """Each repeat against its stored row: a duplicate, or a conflicting duplicate."""
+        rows = sorted(repeats, key=_by_id)
+        lengths = [len(e.body) for e in rows]
+        with _encoding():
+            found = await conn.fetch(
+                SQL.COMPARE_STORED,
+                " ".join([e.event_id for e in rows]),
+                [e.org_id for e in rows],
+                [e.workspace_id for e in rows],
+                [e.template_id for e in rows],
+                [e.provider_version_key for e in rows],
+                [e.system_fingerprint for e in rows],
+                [e.occurred_at for e in rows],
+                " ".join(map(str, itertools.accumulate(lengths[:-1], initial=1))),
+                " ".join(map(str, lengths)),
+                b"".join([e.body for e in rows]),
+            )
+        verdicts: dict[str, Outcome | Rejection] = {}
+        for event_id, other_tenant, differing in found:
+            if other_tenant:
+                verdicts[event_id] = Rejection(
+                    ev.CONFLICTING_DUPLICATE,
+                    '"event_id" is already stored for another org or workspace;'
+                    " nothing of this copy was stored",
+                )
+            elif differing:
+                names = ", ".join(f'"{name}"' for name in differing)
+                verdicts[event_id] = Rejection(
+                    ev.CONFLICTING_DUPLICATE,
+                    f'"event_id" is already stored with another {names};'
+                    " the stored copy is kept, nothing of this one was stored",
+                )
+            else:
+                verdicts[event_id] = Outcome.DUPLICATE
+        return verdicts
 
     async def _write(
         self,
@@ -476,12 +689,15 @@ class Store:
         fast: bool,
         pending: dict[VersionKey, str] | None = None,
     ) -> tuple[set[str] | None, dict[VersionKey, str]]:
-        """The three statements of a batch, inside the caller's transaction or savepoint:
-        upsert new version keys, insert the results, merge the known version keys.
+        """The three statements of a batch of events to store (distinct ids, none stored as
+        far as the caller knows), inside the caller's transaction or savepoint: upsert new
+        version keys, insert the results, merge the known version keys.
 
         Returns the ids inserted (None: all of them) and the version ids learned (applied
         to the cache by the caller, only once the transaction has committed; ``pending``
-        holds those learned earlier in the same, uncommitted transaction).
+        holds those learned earlier in the same, uncommitted transaction). With ``fast``
+        False the results skip a stored id instead of failing: the caller must then check
+        that every id was inserted, since the versions took every event into account.
         """
         merged = _collapse(batch)
         cache = self._versions
@@ -492,9 +708,11 @@ class Store:
         learned: dict[VersionKey, str] = {}
         fresh: set[VersionKey] = set()
         if uncached:
-            for vid, org, ws, tpl, pvk in await conn.fetch(
-                SQL.INSERT_VERSIONS, *([m[j] for m in uncached] for j in range(9))
-            ):
+            with _encoding():
+                rows = await conn.fetch(
+                    SQL.INSERT_VERSIONS, *([m[j] for m in uncached] for j in range(9))
+                )
+            for vid, org, ws, tpl, pvk in rows:
                 learned[(org, ws, tpl, pvk)] = vid
             fresh = set(learned)
             existing = [m for m in uncached if m[:4] not in fresh]
@@ -506,11 +724,13 @@ class Store:
             ids.update(learned)
             if len(ids) < len(merged):  # a row deleted between the two statements
                 raise DatabaseConflict("a version row vanished while being resolved; retrying")
-        inserted = await self._insert_results(conn, batch, ids, fast=fast)
+        with _encoding():
+            inserted = await self._insert_results(conn, batch, ids, fast=fast)
         merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
         if merge:
             args = ([ids[m[:4]] for m in merge], *([m[j] for m in merge] for j in range(4, 9)))
-            await conn.execute(SQL.MERGE_VERSIONS, *args)
+            with _encoding():
+                await conn.execute(SQL.MERGE_VERSIONS, *args)
         return inserted, learned
 
     async def _insert_results(
@@ -583,50 +803,80 @@ class Store:
                 )
 
     @staticmethod
-    def _first_occurrences(
+    def _rounds(
         events: Sequence[Event], outcomes: list[Outcome | Rejection | None]
-    ) -> list[int]:
-        """Indexes of the events to write; later repeats of an event_id are duplicates."""
-        seen: set[str] = set()
-        todo: list[int] = []
+    ) -> list[list[int]]:
+        """Indexes of the events to write, in rounds of distinct event ids: the first copy
+        of each id in the batch, then the second copies, and so on (nearly always one)."""
+        copies: dict[str, int] = {}
+        rounds: list[list[int]] = []
         for i, e in enumerate(events):
             if outcomes[i] is not None:
                 continue
-            if e.event_id in seen:
-                outcomes[i] = Outcome.DUPLICATE
-                continue
-            seen.add(e.event_id)
-            todo.append(i)
-        return todo
+            n = copies.get(e.event_id, 0)
+            copies[e.event_id] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(i)
+        return rounds
 
     async def _bisect(
         self,
         conn: asyncpg.Connection,
         events: Sequence[Event],
         todo: list[int],
-        outcomes: list[Outcome | Rejection | None],
+        settled: Settled,
         learned: dict[VersionKey, str],
     ) -> None:
         """Find the events the database refuses, under savepoints; store the rest."""
         try:
-            async with conn.transaction():  # a savepoint inside the batch's transaction
-                inserted, found = await self._write(
-                    conn, [events[i] for i in todo], fast=False, pending=learned
-                )
-        except asyncpg.PostgresError as exc:
-            if not is_data_error(exc):
+            await self._careful(conn, events, todo, settled, learned)
+        except Exception as exc:
+            if not _is_data_fault(exc):
                 raise
             if len(todo) == 1:
-                outcomes[todo[0]] = _rejection_for(exc)
+                settled[todo[0]] = _rejection_for(exc)
                 return
             middle = len(todo) // 2
-            await self._bisect(conn, events, todo[:middle], outcomes, learned)
-            await self._bisect(conn, events, todo[middle:], outcomes, learned)
-            return
-        learned.update(found)  # visible to the later savepoints of this transaction
-        assert inserted is not None
-        for i in todo:
-            outcomes[i] = Outcome.STORED if events[i].event_id in inserted else Outcome.DUPLICATE
+            await self._bisect(conn, events, todo[:middle], settled, learned)
+            await self._bisect(conn, events, todo[middle:], settled, learned)
+
+
+class _Mode(enum.Enum):
+    """How an attempt at a batch's transaction writes its events (see Store._ingest)."""
+
+    FAST = "take the events to be new"
+    CHECKED = "look the ids up, then take the others to be new"
+    CAREFUL = "look the ids up, then write under a savepoint skipping any stored meanwhile"
+    BISECT = "careful, and split the batch under savepoints to find the data at fault"
+
+
+_TAKES_NEW: Final = frozenset({_Mode.FAST, _Mode.CHECKED})
+
+
+class _Raced(Exception):
+    """An event id this transaction took to be new was stored by another one meanwhile."""
+
+
+class _Unencodable(Exception):
+    """asyncpg could not encode a value of the batch (``__cause__``): the data's fault."""
+
+
+@contextlib.contextmanager
+def _encoding() -> Iterator[None]:
+    """Around a statement that sends the batch's values: what asyncpg raises while
+    encoding them (an ``OverflowError`` for a timestamp beyond year 9999 in UTC inside
+    COPY, the ``DataError`` it makes of one in a statement's arguments) is the data's
+    fault, bisected like PostgreSQL's own refusals."""
+    try:
+        yield
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise _Unencodable(f"{type(exc).__name__}: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        cause = exc.__cause__
+        if getattr(exc, "severity", None) is None and cause is not None:  # never sent
+            raise _Unencodable(f"{type(cause).__name__}: {cause}") from exc
+        raise
 
 
 class _Overlay(dict[VersionKey, str]):
@@ -649,8 +899,21 @@ def _is_infrastructure(exc: BaseException) -> bool:
     return isinstance(exc, _INFRASTRUCTURE)
 
 
-def _rejection_for(exc: asyncpg.PostgresError) -> Rejection:
-    state = exc.sqlstate
+def _is_data_fault(exc: BaseException) -> bool:
+    """Some event of the batch is at fault: PostgreSQL refused its data, or asyncpg could
+    not encode it."""
+    return isinstance(exc, _Unencodable) or is_data_error(exc)
+
+
+def _rejection_for(exc: BaseException) -> Rejection:
+    if isinstance(exc, _Unencodable):
+        # The exception's type and message (a reason such as "date value out of range"),
+        # never asyncpg's own message, which quotes the start of the value.
+        return Rejection(
+            ev.UNSTORABLE_CONTENT,
+            f"a value of the event cannot be sent to PostgreSQL ({exc})"[:300],
+        )
+    state = getattr(exc, "sqlstate", None)
     if state == "23503":  # foreign_key_violation: the template went away under us
         return Rejection(ev.UNKNOWN_TEMPLATE, '"template_id" no longer exists')
     # The message only (never DETAIL, which may quote the payload).
@@ -661,7 +924,9 @@ def _collapse(
     batch: Sequence[Event],
 ) -> list[tuple[str, str, str, str, str, str, datetime | None, datetime, datetime]]:
     """One row per version key, sorted by key: (key..., provider, model_id, captured, first,
-    last). provider/model_id come from the greatest (occurred_at, provider, model_id)."""
+    last). provider/model_id come from the greatest (occurred_at, provider, model_id), the
+    strings compared as Python does, by code point: UTF-8 byte order, as ``COLLATE "C"``
+    in MERGE_VERSIONS."""
     groups: dict[tuple[str, str, str, str], list[Any]] = {}
     for e in batch:
         key = (e.org_id, e.workspace_id, e.template_id, e.provider_version_key)

@@ -6,14 +6,18 @@ servers with verification (and its refusal of a certificate from another CA)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import subprocess
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.faults.conftest import ScenarioFactory, Servers
-from tests.faults.harness import Scenario, declare, grep, wait_for
+from tests.faults.harness import Message, Scenario, declare, grep, wait_for
 from tests.helpers import run_cli
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
@@ -47,16 +51,45 @@ def _re(name: str) -> str:
     return name.replace(".", r"\.")
 
 
+#: Later than the whole stream, not in the future (the decoder refuses the far future).
+LATE = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def _second_wave(first: list[Message], spare: list[Message]) -> list[Message]:
+    """Five stored events again, five with other content (each under a message id of its
+    own, to be dead-lettered as conflicting_duplicate), new events, and two whose number
+    PostgreSQL's numeric cannot hold (1e-20000: valid JSON the decoder takes), shuffled."""
+    originals = [m for m in first if m.good][:5]
+    conflicting = []
+    for i, m in enumerate(originals):
+        doc = orjson.loads(m.body)
+        doc.update(occurred_at=LATE.isoformat(), provider="zzz", model_id="zzz")
+        conflicting.append(Message(f"conflict-{i}-{m.id}", orjson.dumps(doc), False))
+    unstorable = []
+    for i, m in enumerate(spare[-2:]):
+        doc = {**orjson.loads(m.body), "event_id": str(uuid.uuid4()), "request": {"x": "N"}}
+        body = orjson.dumps(doc).replace(b'"x":"N"', b'"x":1e-20000')
+        unstorable.append(Message(f"unstorable-{i}-{uuid.uuid4().hex[:8]}", body, False))
+    wave = [*originals, *conflicting, *spare[:-2], *unstorable]
+    random.Random(5).shuffle(wave)
+    return wave
+
+
 async def test_least_privilege_broker_user_and_secrets_from_files(
     scenario: ScenarioFactory, tmp_path: Path
 ) -> None:
     """A worker with no-declare, a broker user that may only read its queues and write to
-    the dead-letter exchange, and the runtime database role, both URLs read from *_FILE:
-    it stores the events and dead-letters the poison. Declaring is refused to that user
+    the dead-letter exchange, and the runtime database role (column rights), both URLs
+    read from *_FILE: it stores the events and dead-letters the poison, through every path
+    of the store (COPY; a later wave with exact and conflicting repeats, looked up and
+    compared; bisection with ON CONFLICT for events PostgreSQL refuses); no conflicting
+    copy moves a version row. Declaring is refused to that user
     (exit 2). No password appears in its logs, /metrics, /readyz, `status`, or the errors
     of a wrong port or password."""
     s = await scenario("least-privilege")
+    spare = [m for m in s.messages[EVENTS:] if m.good][:20]
     del s.messages[EVENTS:]
+    second = _second_wave(s.messages, spare)
     await declare(s)  # the administrator owns the topology
     user, password = await asyncio.to_thread(_broker_user, s)
     amqp = f"amqp://{user}:{password}@127.0.0.1:{s.mq.port}/"
@@ -72,12 +105,33 @@ async def test_least_privilege_broker_user_and_secrets_from_files(
     await w.ready()
     publisher = s.publisher()
     await publisher.publish(s.messages)
+    await s.wait_rows(sum(m.good for m in s.messages))
+    # Every path of the store under the runtime role's column rights: the stream above was
+    # COPYed; this wave repeats stored events (exactly, and with other content) beside new
+    # ones and events PostgreSQL refuses, so the batch fails its COPY, looks its ids up,
+    # compares the repeats with their rows, and is bisected under savepoints with
+    # INSERT ... ON CONFLICT.
+    await publisher.publish(second)
+    s.messages.extend(m for m in second if m not in s.messages)
     await s.account(publisher, consumers=1)
     outputs = {
         "metrics": await asyncio.to_thread(w._get, "/metrics") or "",
         "readyz": await asyncio.to_thread(w._get, "/readyz") or "",
     }
     assert "prompter_events_stored_total" in outputs["metrics"]
+    assert (
+        'prompter_events_rejected_total{reason="conflicting_duplicate"} 5.0' in (outputs["metrics"])
+    )
+    assert "prompter_events_duplicate_total 5.0" in outputs["metrics"]
+    conn = await s.connect()
+    try:
+        moved = await conn.fetchval(
+            "SELECT count(*) FROM prompt_versions WHERE provider = 'zzz' OR last_seen_at >= $1",
+            LATE,
+        )
+    finally:
+        await conn.close()
+    assert moved == 0, "a conflicting copy moved a version row"
     for args in (["status"], ["status", "--json"]):
         out = await asyncio.to_thread(_cli, env, *args)
         assert out.returncode == 0, out.stderr
