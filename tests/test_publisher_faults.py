@@ -339,6 +339,28 @@ async def test_close_is_final_and_fails_in_flight_and_waiting_publishes(
     assert not [line for line in _connections() if name in line]
 
 
+async def test_close_fails_callers_waiting_for_the_connection() -> None:
+    """close() while 8 callers wait for a connection attempt that hangs: each fails with
+    BrokerUnavailable saying the publisher is closed, the attempt is abandoned, and no
+    further connection is made, then or by later calls."""
+    with Server("hang") as server:
+        publisher = Publisher(server.url, UNUSED, connect_timeout=60.0)
+        callers = [asyncio.create_task(publisher.publish(event_doc(TENANT))) for _ in range(8)]
+
+        async def connecting() -> bool:
+            return server.accepted == 1
+
+        await wait_until(connecting, within=30, message="the connection attempt")
+        await asyncio.wait_for(publisher.close(), timeout=30)
+        done, _ = await asyncio.wait(callers, timeout=30)
+        assert len(done) == 8
+        errors = [task.exception() for task in callers]
+        assert all(isinstance(e, BrokerUnavailable) and "closed" in str(e) for e in errors), errors
+        with pytest.raises(BrokerUnavailable, match="closed"):
+            await publisher.publish(event_doc(TENANT))
+        assert server.accepted == 1
+
+
 async def test_close_waits_for_the_confirms_in_flight(topology: dict[str, str]) -> None:
     """close() with its default grace lets every publish already in flight finish: each
     one is confirmed, none fails."""

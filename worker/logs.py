@@ -73,8 +73,8 @@ def _summary(value: Any) -> Any:
         return f"<{len(value)} bytes, not logged>"
     if isinstance(value, DeliveryError):
         return f"<{type(value).__name__}, its message not logged>"
-    if isinstance(value, (list, tuple)):
-        return type(value)(_summary(v) for v in value) if any(map(_carries, value)) else value
+    if isinstance(value, (list, tuple)) and any(map(_carries, value)):
+        return [_summary(v) for v in value]
     return value
 
 
