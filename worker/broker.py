@@ -34,6 +34,7 @@ from worker import __version__
 from worker.amqp import verification_disabled
 from worker.config import Settings, mask_url
 from worker.errors import BrokerUnavailable, ConfigError
+from worker.logs import redact
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,18 @@ def check_tls(url: str) -> list[str]:
     return warnings
 
 
-async def connect(amqp_url: str, *, name: str, start: int = 0) -> aiormq.Connection:
+async def connect(
+    amqp_url: str, *, name: str, start: int = 0, timeout: float = CONNECT_TIMEOUT_SECONDS
+) -> aiormq.Connection:
     """Connect to the first node that answers, trying the comma-separated URLs in turn
-    starting at index ``start``. Raises :class:`BrokerUnavailable` naming every node tried
-    (passwords masked)."""
+    starting at index ``start``, each for at most ``timeout`` seconds.
+
+    Every failure is :class:`BrokerUnavailable` naming every node tried (passwords masked),
+    whatever the event loop and whatever aiormq raises: a node that accepts TCP and closes
+    at once (a proxy with no healthy backend; aiormq raises ``StopAsyncIteration`` there
+    under uvloop), one that never answers, one that speaks another protocol. Only
+    cancellation (and ``KeyboardInterrupt``/``SystemExit``) propagates as itself.
+    """
     urls = [u for u in amqp_url.split(",") if u]
     failures = []
     for i in range(len(urls)):
@@ -134,12 +143,24 @@ async def connect(amqp_url: str, *, name: str, start: int = 0) -> aiormq.Connect
                         "version": __version__,
                     },
                 ),
-                timeout=CONNECT_TIMEOUT_SECONDS,
+                timeout=timeout,
             )
-        except (OSError, TimeoutError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
-            failures.append(f"{mask_url(url)}: {type(exc).__name__}: {exc}")
+        except TimeoutError:
+            failures.append(f"{mask_url(url)}: no answer within {timeout:g}s")
+            continue
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this task was cancelled: not the node's doing
+            # A future inside aiormq was cancelled under it (its connection closing).
+            failures.append(f"{mask_url(url)}: the connection was closed while opening")
+            continue
+        except Exception as exc:  # any other way a connect can fail is the node's fault
+            failures.append(f"{mask_url(url)}: {type(exc).__name__}: {redact(str(exc))}")
             continue
         return connection
+    if not urls:
+        failures.append("no URL given")
     raise BrokerUnavailable("cannot reach RabbitMQ: " + "; ".join(failures))
 
 

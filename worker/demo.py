@@ -4,12 +4,14 @@ over the live routing key, so data can be seen flowing end to end.
 Safe to run again and again: the template is registered by its config, so a second run
 finds the first run's template (``templates.register`` returns it) instead of making a
 copy; each run publishes new events (fresh ids), timed over the hour before it ran.
+
+Event ids are UUIDv7 (:func:`worker.publisher.new_event_id`) carrying each event's own
+time, as the README recommends to every publisher: they sort like the events.
 """
 
 from __future__ import annotations
 
 import random
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -19,7 +21,7 @@ import asyncpg
 from worker import broker, templates
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.publisher import Publisher
+from worker.publisher import Publisher, new_event_id
 from worker.store import classify, connect
 
 DEMO_ORG_ID: Final = "d3e0d3e0-0000-4000-8000-00000000000a"
@@ -85,7 +87,8 @@ def make_events(
     now: datetime,
     rng: random.Random,
 ) -> list[dict[str, Any]]:
-    """``count`` chat completions over the hour before ``now``, oldest first."""
+    """``count`` chat completions over the hour before ``now``, oldest first, each with a
+    fresh UUIDv7 id of its own time (``rng`` makes the content, not the ids)."""
     out = []
     step = timedelta(hours=1) / max(count, 1)
     start = now - timedelta(hours=1)
@@ -100,7 +103,7 @@ def make_events(
         completion_tokens = 8 + len(answer) // 4 + rng.randrange(10)
         out.append(
             {
-                "event_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "event_id": new_event_id(at),
                 "occurred_at": at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 "org_id": org_id,
                 "workspace_id": workspace_id,

@@ -2,7 +2,7 @@
 
 ::
 
-    from worker.publisher import Publisher
+    from worker.publisher import Publisher, new_event_id
 
     async with Publisher("amqp://user:pass@rabbitmq/") as publisher:
         await publisher.publish(event)               # one event: a dict, or JSON bytes
@@ -14,20 +14,39 @@ own decoder) before anything is sent: an invalid event raises
 field, and nothing invalid ever reaches the broker. Each message is persistent,
 ``application/json``, ``mandatory``, with ``message_id`` = ``event_id``, and counts as
 published only once the broker has confirmed it. Failures raise, from the tree in
-:mod:`worker.errors`:
+:mod:`worker.errors`, and nothing else does (cancelling the caller aside):
 
 - :class:`~worker.errors.UnroutableError`: the broker returned the message (no queue is
   bound for the routing key) or the exchange does not exist;
 - :class:`~worker.errors.PublishError`: the broker nacked it (a full queue refuses
-  publishes), or no confirm came within ``confirm_timeout``;
-- :class:`~worker.errors.BrokerUnavailable`: no node could be reached, or the connection
-  was lost before the confirm (the next call reconnects);
+  publishes), or no confirm came before the publish's deadline (``timeout``);
+- :class:`~worker.errors.BrokerUnavailable`: no node could be reached (or none answered
+  before the deadline), the connection was lost before the confirm (the next call
+  reconnects), or the publisher is closed;
 - :class:`~worker.errors.ConfigError`: the topology exists with other arguments, or (with
   ``declare=False``) does not exist.
 
 A failed publish may still have reached the queue (the confirm was lost with the
 connection): publish it again. Ingestion is idempotent by ``event_id``, so a repeat stores
 nothing twice.
+
+**One deadline per message.** ``timeout`` (default 30 s) bounds everything a publish
+waits for: a window slot, the connection (shared, see below), the broker's confirm. A
+broker that accepts TCP and never answers fails a publish after ``timeout`` at most, and
+each connection attempt after ``connect_timeout`` per node.
+
+**One connection attempt at a time.** Concurrent callers that find no connection wait for
+the same attempt and share its outcome: against a dead broker they all fail together when
+it fails, and the next call after that makes a new attempt.
+
+**close() is final.** It waits (``grace``) for the confirms in flight, fails those still
+unconfirmed and every caller still waiting (for a slot or the connection) with
+BrokerUnavailable saying the publisher is closed, and closes the connection; every later
+call raises the same way and nothing reconnects.
+
+**Event ids.** :func:`new_event_id` makes time-ordered ids (UUIDv7): new rows then land at
+the end of the results table's primary-key index instead of all over it. The contract
+accepts any UUID.
 
 The topology (:class:`worker.broker.Topology`) is declared on connect, idempotently, so
 publishers and workers may start in any order; with ``declare=False`` it is only checked.
@@ -43,7 +62,9 @@ also gives the confirm of each publish as a future, which is all a window of out
 confirms needs, with no per-message ``Message`` object or robust-connection machinery on the
 hot path: the publisher's CPU per message is what bounds its rate on a small machine. One
 AMQP client in the code base means one set of failure modes to map onto
-:mod:`worker.errors`.
+:mod:`worker.errors`. aiormq matches a returned message to its publish by ``message_id``;
+:func:`publish_confirmed` makes that safe for any ids (see there), and
+:func:`worker.logs.guard_amqp_loggers` (called on import) keeps aiormq from logging bodies.
 """
 
 from __future__ import annotations
@@ -51,7 +72,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -61,12 +84,14 @@ import aiormq
 import aiormq.abc
 import aiormq.exceptions
 import orjson
+import uuid_utils
 from pamqp import commands as spec
 
-from worker import broker, events
+from worker import broker, events, logs
 from worker.config import Settings
 from worker.errors import (
     BrokerUnavailable,
+    ConfigError,
     PublishError,
     Rejection,
     UnroutableError,
@@ -75,17 +100,45 @@ from worker.errors import (
 from worker.events import Event
 
 log = logging.getLogger(__name__)
+logs.guard_amqp_loggers()  # no message body in aiormq's log records, whoever set up logging
 
 #: Messages awaiting their confirm at once. Measured with ``python -m bench --only publish``
 #: (bench/publish.py) on a local broker: throughput rises steeply from 1 to a few dozen
 #: outstanding confirms and is flat from there to thousands. 256 leaves room for the longer
 #: round trips of a replicated cluster, for at most 256 events held in memory.
 DEFAULT_WINDOW: Final = 256
-DEFAULT_CONFIRM_TIMEOUT: Final = 30.0
+#: The deadline of one publish: window slot, connection and confirm together.
+DEFAULT_TIMEOUT: Final = 30.0
+#: :func:`publish_confirmed`'s default (the worker's dead-letter copies, redrive).
+DEFAULT_CONFIRM_TIMEOUT: Final = DEFAULT_TIMEOUT
+#: How long close() waits for the broker to close the connection, and for cancelled work.
+CLOSE_TIMEOUT: Final = 10.0
 CONTENT_TYPE: Final = "application/json"
 BROKER_ERRORS: Final = (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 EventInput = Mapping[str, Any] | bytes | bytearray | memoryview
+
+
+def new_event_id(at: datetime | None = None) -> str:
+    """A new ``event_id``: a UUIDv7 (RFC 9562) as a canonical lowercase string.
+
+    Its first 48 bits are the Unix time in milliseconds (now, or ``at``, which must be
+    timezone-aware and not before 1970), the rest random; ids made in one process are
+    strictly increasing. Time-ordered keys are appended at the right edge of the
+    ``prompt_results`` primary-key index, where random (v4) keys land on any page of it, so
+    that the pages an insert touches stay few and in memory as the table grows. The worker
+    accepts any UUID: this is a recommendation, not a rule.
+    """
+    if at is None:
+        return str(uuid_utils.uuid7())
+    if at.tzinfo is None:
+        raise ValueError("at must be timezone-aware")
+    delta = at - _EPOCH
+    if delta.days < 0:
+        raise ValueError("a UUIDv7 cannot hold a time before 1970")
+    nanoseconds = (delta.days * 86_400 + delta.seconds) * 1_000_000_000
+    return str(uuid_utils.uuid7(nanoseconds=nanoseconds + delta.microseconds * 1000))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,16 +162,21 @@ def prepare(event: EventInput, *, max_bytes: int = events.DEFAULT_MAX_EVENT_BYTE
     ``uuid.UUID`` and timezone-aware ``datetime`` (written as RFC 3339); a naive datetime is
     refused, since the contract needs an offset. orjson writes a float NaN or infinity as
     ``null``: send bytes to control that. Bytes are sent exactly as given.
+
+    The body is kept at its exact size: orjson's output buffer is allocated for the worst
+    case (about 16 KB for a 2 KB document), so it is copied once; ``bytes`` are kept as
+    given (no copy), a ``bytearray`` or ``memoryview`` copied (it could change).
     """
     if isinstance(event, (bytes, bytearray, memoryview)):
         body = bytes(event)
     elif isinstance(event, Mapping):
         try:
-            body = orjson.dumps(event if isinstance(event, dict) else dict(event))
+            written = orjson.dumps(event if isinstance(event, dict) else dict(event))
         except TypeError as exc:
             raise Rejection(
                 events.INVALID_JSON, f"the event cannot be written as JSON: {exc}"
             ) from None
+        body = bytes(memoryview(written))  # exact size; ``bytes(written)`` is ``written``
     else:
         raise Rejection(
             events.NOT_AN_OBJECT,
@@ -135,7 +193,9 @@ class Publisher:
     context manager, or call :meth:`connect` and :meth:`close`.
 
     ``amqp_url`` may list the nodes of a cluster, comma-separated; the first that answers
-    is used, and a lost connection is re-established by the next call.
+    is used, and a lost connection is re-established by the next call. ``timeout`` is each
+    message's deadline (window slot, connection, confirm); ``connect_timeout`` bounds one
+    connection attempt to one node (and the topology declaration after it).
     """
 
     def __init__(
@@ -145,27 +205,32 @@ class Publisher:
         *,
         declare: bool = True,
         window: int = DEFAULT_WINDOW,
-        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = broker.CONNECT_TIMEOUT_SECONDS,
         max_event_bytes: int = events.DEFAULT_MAX_EVENT_BYTES,
         name: str = "prompter-publisher",
         app_id: str | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("timeout and connect_timeout must be positive")
         self.amqp_url = amqp_url
         self.topology = topology or broker.Topology.from_settings(Settings())
         self.declare = declare
         self.window = window
-        self.confirm_timeout = confirm_timeout
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self.max_event_bytes = max_event_bytes
         self.name = name
         self.app_id = app_id or name
         self._connection: aiormq.Connection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
+        self._opening: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(window)
-        self._outstanding: set[asyncio.Task[None]] = set()
-        self._by_id: dict[str, asyncio.Task[None]] = {}
-        self._opening = asyncio.Lock()
+        # Each message in flight: its task, and the future its sender awaits.
+        self._outstanding: dict[asyncio.Task[None], _InFlight] = {}
+        self._closed = False
         self._next_node = 0
 
     @classmethod
@@ -190,20 +255,36 @@ class Publisher:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect (if not connected) and declare or check the topology."""
-        await self._ready_channel()
+        """Connect (if not connected) and declare or check the topology, within
+        ``timeout``."""
+        await self._channel_by(asyncio.get_running_loop().time() + self.timeout)
 
     async def close(self, *, grace: float | None = None) -> None:
-        """Wait for the confirms still outstanding (up to ``grace`` seconds, by default
-        ``confirm_timeout``), then close. Publishes not confirmed by then fail with
-        BrokerUnavailable."""
-        wait = self.confirm_timeout if grace is None else grace
+        """Close for good. Publishing stops at once (later calls raise
+        :class:`BrokerUnavailable`); the confirms in flight get up to ``grace`` seconds (by
+        default ``timeout``); then whatever is still unconfirmed, or waiting for a window
+        slot or the connection, fails with BrokerUnavailable, and the connection closes."""
+        self._closed = True
+        wait = self.timeout if grace is None else grace
         if self._outstanding and wait > 0:
             await asyncio.wait(set(self._outstanding), timeout=wait)
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()  # it closes what it opened
+            await asyncio.wait([opening], timeout=CLOSE_TIMEOUT)
+        for task, flight in list(self._outstanding.items()):
+            flight.fail(self._closed_error(f"before message {flight.event_id} was confirmed"))
+            task.cancel()
+        if self._outstanding:
+            await asyncio.wait(set(self._outstanding), timeout=CLOSE_TIMEOUT)
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and not connection.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), timeout=10)
+        if connection is not None:
+            await _close_quietly(connection)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     @property
     def outstanding(self) -> int:
@@ -215,7 +296,8 @@ class Publisher:
     async def publish(
         self, event: EventInput, *, routing_key: str = broker.LIVE_ROUTING_KEY
     ) -> str:
-        """Validate, publish and wait for the broker's confirm; return the event id."""
+        """Validate, publish and wait for the broker's confirm, all within ``timeout``;
+        return the event id."""
         prepared = prepare(event, max_bytes=self.max_event_bytes)
         await (await self.send(prepared, routing_key=routing_key))
         return prepared.event_id
@@ -224,46 +306,38 @@ class Publisher:
         self, events_: Iterable[EventInput], *, routing_key: str = broker.LIVE_ROUTING_KEY
     ) -> int:
         """Validate every event, then publish them all with pipelined confirms; return how
-        many were confirmed (all of them).
+        many were confirmed: all of them, or it raises.
 
         Validation comes first: if any event is invalid, :class:`Rejection` is raised
-        naming its position (``event #i``, from 0) and nothing at all is sent. If a publish
-        fails, no further event is sent, the confirms already outstanding are awaited, and
-        the first failure is raised, saying how many were confirmed; publishing the same
-        events again is safe.
+        naming its position (``event #i``, from 0) and nothing at all is sent. Until they
+        are sent the events are held as their JSON bytes, at their exact size. If a publish
+        fails (or the publisher is closed), no further event is sent, the confirms already
+        outstanding are awaited, and the first failure is raised, of its own class, its
+        message starting ``"N of M events confirmed; then: "``; publishing the same events
+        again is safe.
         """
-        prepared = []
+        pending: deque[Prepared] = deque()
         for i, event in enumerate(events_):
             try:
-                prepared.append(prepare(event, max_bytes=self.max_event_bytes))
+                pending.append(prepare(event, max_bytes=self.max_event_bytes))
             except Rejection as exc:
                 raise Rejection(exc.reason, f"event #{i}: {exc.detail}") from None
-        futures: list[asyncio.Future[None]] = []
-        failed: list[BaseException] = []
-
-        def note(future: asyncio.Future[None]) -> None:
-            if not future.cancelled() and future.exception() is not None:
-                failed.append(future.exception())  # type: ignore[arg-type]
-
+        total = len(pending)
+        tally = _Tally()
         try:
-            for p in prepared:
-                if failed:
-                    break
-                future = await self.send(p, routing_key=routing_key)
-                future.add_done_callback(note)
-                futures.append(future)
+            while pending and not tally.failures:
+                future = await self.send(pending.popleft(), routing_key=routing_key)
+                tally.follow(future)
         except WorkerError as exc:
-            failed.append(exc)
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        confirmed = sum(1 for r in results if not isinstance(r, BaseException))
-        if failed:
-            first = failed[0]
-            if isinstance(first, WorkerError) and not isinstance(first, Rejection):
-                raise type(first)(
-                    f"{confirmed} of {len(prepared)} events confirmed; then: {first}"
-                ) from first
-            raise first
-        return confirmed
+            tally.failures.append(exc)
+        await tally.settled()
+        if tally.confirmed == total:
+            return total
+        first = tally.failures[0] if tally.failures else None
+        said = f"{tally.confirmed} of {total} events confirmed; then: "
+        if isinstance(first, (BrokerUnavailable, PublishError, UnroutableError, ConfigError)):
+            raise type(first)(said + str(first)) from first
+        raise BrokerUnavailable(said + (f"{type(first).__name__}: {first}" if first else "?"))
 
     async def send(
         self, prepared: Prepared, *, routing_key: str = broker.LIVE_ROUTING_KEY
@@ -272,39 +346,50 @@ class Publisher:
         resolves when the broker confirms it, or raises as :meth:`publish` does.
 
         Waits first while ``window`` messages are outstanding; that wait is the
-        back-pressure. Raises :class:`BrokerUnavailable` (or :class:`ConfigError`) right
-        away if no channel can be opened. The same event id is never in flight twice: a
-        repeat waits for the first copy to settle (returned messages are matched by id).
+        back-pressure. The message's deadline (``timeout``) starts now and covers that
+        wait, the connection and the confirm. Raises :class:`BrokerUnavailable` (or
+        :class:`ConfigError`) if no channel can be opened, or the publisher is closed.
         """
-        while (earlier := self._by_id.get(prepared.event_id)) is not None:
-            await asyncio.wait([earlier])
-        await self._slots.acquire()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        self._refuse_if_closed()
         try:
-            channel = await self._ready_channel()
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise PublishError(
+                f"message {prepared.event_id} was not sent: the {self.window} messages before "
+                f"it were not confirmed within {self.timeout:g}s"
+            ) from None
+        try:
+            channel = await self._channel_by(deadline)  # refuses if closed meanwhile
         except BaseException:
             self._slots.release()
             raise
-        task = asyncio.get_running_loop().create_task(self._publish(channel, prepared, routing_key))
-        self._outstanding.add(task)
-        self._by_id[prepared.event_id] = task
-        task.add_done_callback(lambda t: self._settled(t, prepared.event_id))
-        return task
+        flight = _InFlight(prepared.event_id, loop.create_future())
+        task = loop.create_task(self._publish(channel, prepared, routing_key, deadline, flight))
+        self._outstanding[task] = flight
+        task.add_done_callback(self._settled)
+        return flight.done
 
     async def flush(self) -> None:
         """Wait until every message sent so far is confirmed or has failed."""
         while self._outstanding:
             await asyncio.wait(set(self._outstanding))
 
-    def _settled(self, task: asyncio.Task[None], event_id: str) -> None:
+    def _settled(self, task: asyncio.Task[None]) -> None:
         self._slots.release()
-        self._outstanding.discard(task)
-        if self._by_id.get(event_id) is task:
-            del self._by_id[event_id]
-        if not task.cancelled():
-            task.exception()  # retrieved here too: a caller may drop the future
+        flight = self._outstanding.pop(task)
+        # Cancelled before it could say why (close() cancels): its sender learns it here.
+        flight.fail(self._closed_error(f"before message {flight.event_id} was confirmed"))
 
     async def _publish(
-        self, channel: aiormq.abc.AbstractChannel, prepared: Prepared, routing_key: str
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        prepared: Prepared,
+        routing_key: str,
+        deadline: float,
+        flight: _InFlight,
     ) -> None:
         props = spec.Basic.Properties(
             content_type=CONTENT_TYPE,
@@ -313,49 +398,192 @@ class Publisher:
             app_id=self.app_id,
             timestamp=datetime.now(UTC),
         )
-        await publish_confirmed(
-            channel,
-            prepared.body,
-            exchange=self.topology.exchange,
-            routing_key=routing_key,
-            props=props,
-            confirm_timeout=self.confirm_timeout,
-        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                await publish_confirmed(
+                    channel,
+                    prepared.body,
+                    exchange=self.topology.exchange,
+                    routing_key=routing_key,
+                    props=props,
+                    confirm_timeout=self.timeout,
+                )
+        except TimeoutError:
+            flight.fail(
+                PublishError(f"no confirm for message {prepared.event_id} within {self.timeout:g}s")
+            )
+        except WorkerError as exc:
+            flight.fail(exc)
+        except Exception as exc:  # publish_confirmed maps everything; never leak another
+            flight.fail(BrokerUnavailable(f"publishing failed: {type(exc).__name__}: {exc}"))
+        else:
+            if not flight.done.done():
+                flight.done.set_result(None)
 
-    async def _ready_channel(self) -> aiormq.abc.AbstractChannel:
-        channel = self._channel
-        if channel is not None and not channel.is_closed:
-            return channel
-        async with self._opening:
-            if self._channel is not None and not self._channel.is_closed:
-                return self._channel
-            connection = self._connection
-            if connection is None or connection.is_closed:
-                connection = await broker.connect(
-                    self.amqp_url, name=self.name, start=self._next_node
-                )
-                self._next_node += 1
-                self._connection = connection
-                try:
-                    await broker.open_topology(connection, self.topology, passive=not self.declare)
-                except BaseException as exc:
-                    self._connection = None
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-                    if isinstance(exc, BROKER_ERRORS):
-                        raise BrokerUnavailable(
-                            f"declaring the topology failed: {type(exc).__name__}: {exc}"
-                        ) from None
-                    raise
-            try:
-                self._channel = await connection.channel(
-                    publisher_confirms=True, on_return_raises=True
-                )
-            except BROKER_ERRORS as exc:
+    # -- connecting ------------------------------------------------------------------------
+
+    async def _channel_by(self, deadline: float) -> aiormq.abc.AbstractChannel:
+        """The open channel, connecting first if needed. Concurrent callers wait for one
+        shared attempt (each until its own deadline) and share its outcome."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._refuse_if_closed()
+            channel = self._channel
+            if channel is not None and not channel.is_closed:
+                return channel
+            opening = self._opening
+            if opening is None or opening.done():
+                opening = self._opening = loop.create_task(self._open())
+                opening.add_done_callback(_observed)
+            await asyncio.wait([opening], timeout=max(0.0, deadline - loop.time()))
+            self._refuse_if_closed()
+            if not opening.done():
                 raise BrokerUnavailable(
-                    f"cannot open a channel to RabbitMQ: {type(exc).__name__}: {exc}"
+                    f"not connected to RabbitMQ within {self.timeout:g}s (the publish deadline)"
+                )
+            if opening.cancelled():
+                raise BrokerUnavailable("connecting to RabbitMQ was cancelled")
+            failure = opening.exception()
+            if failure is not None:
+                raise _again(failure)
+
+    async def _open(self) -> None:
+        """One connection attempt: connect (unless the connection is still up), declare the
+        topology, open the publishing channel. Everything it opened is closed on failure."""
+        connection = self._connection
+        fresh = connection is None or connection.is_closed
+        if connection is None or connection.is_closed:
+            self._connection = None
+            connection = await broker.connect(
+                self.amqp_url,
+                name=self.name,
+                start=self._next_node,
+                timeout=self.connect_timeout,
+            )
+            self._next_node += 1
+            self._connection = connection
+        step = "declaring the topology" if fresh else "opening a channel"
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if fresh:
+                    await broker.open_topology(connection, self.topology, passive=not self.declare)
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException as exc:
+            if self._connection is connection:
+                self._connection = None
+            await _close_quietly(connection)
+            if isinstance(exc, WorkerError):
+                raise
+            if isinstance(exc, TimeoutError):
+                raise BrokerUnavailable(
+                    f"RabbitMQ did not answer within {self.connect_timeout:g}s while {step}"
                 ) from None
-            return self._channel
+            if isinstance(exc, Exception):
+                raise BrokerUnavailable(f"{step} failed: {type(exc).__name__}: {exc}") from None
+            raise
+        self._channel = channel
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise self._closed_error("")
+
+    def _closed_error(self, when: str) -> BrokerUnavailable:
+        return BrokerUnavailable(" ".join(filter(None, ["the publisher was closed", when])))
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A message in flight: its id, and the future its sender awaits."""
+
+    event_id: str
+    done: asyncio.Future[None]
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+            self.done.exception()  # retrieved: a sender may drop its future
+
+
+class _Tally:
+    """Counts the confirms of publish_many without keeping its futures."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.confirmed = 0
+        self.failures: list[BaseException] = []
+        self._open = 0
+        self._all_settled = asyncio.Event()
+        self._all_settled.set()
+
+    def follow(self, future: asyncio.Future[None]) -> None:
+        self.sent += 1
+        self._open += 1
+        self._all_settled.clear()
+        future.add_done_callback(self._note)
+
+    def _note(self, future: asyncio.Future[None]) -> None:
+        self._open -= 1
+        if future.cancelled():
+            self.failures.append(BrokerUnavailable("the publish was cancelled"))
+        elif (exc := future.exception()) is not None:
+            self.failures.append(exc)
+        else:
+            self.confirmed += 1
+        if not self._open:
+            self._all_settled.set()
+
+    async def settled(self) -> None:
+        await self._all_settled.wait()
+
+
+def _observed(task: asyncio.Task[None]) -> None:
+    """Retrieve a task's exception: its waiters may all have given up on it."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _again(exc: BaseException) -> WorkerError:
+    """A shared attempt's failure, as a fresh exception for one more waiter."""
+    if isinstance(exc, (BrokerUnavailable, ConfigError)):
+        return type(exc)(str(exc))
+    return BrokerUnavailable(f"connecting failed: {type(exc).__name__}: {exc}")
+
+
+async def _close_quietly(connection: aiormq.Connection) -> None:
+    if connection.is_closed:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), timeout=CLOSE_TIMEOUT)
+
+
+# --- publishing one message -----------------------------------------------------------------
+
+# Per channel, the message id of each publish in flight, with a future resolved when it
+# settles. aiormq matches a Basic.Return to its publish by ``message_id`` (the last publish
+# with that id wins, and one without an id gets a random one), so two messages in flight
+# with one id could swap their outcomes: a returned message reported confirmed, lost.
+_IN_FLIGHT: weakref.WeakKeyDictionary[
+    aiormq.abc.AbstractChannel, dict[str | None, asyncio.Future[None]]
+] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _alone(
+    channel: aiormq.abc.AbstractChannel, message_id: str | None
+) -> AsyncIterator[None]:
+    """Hold the only place in flight on ``channel`` for ``message_id`` (None for none)."""
+    in_flight = _IN_FLIGHT.get(channel)
+    if in_flight is None:
+        in_flight = _IN_FLIGHT[channel] = {}
+    while (earlier := in_flight.get(message_id)) is not None:
+        await asyncio.wait([earlier])
+    mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    in_flight[message_id] = mine
+    try:
+        yield
+    finally:
+        del in_flight[message_id]
+        mine.set_result(None)
 
 
 async def publish_confirmed(
@@ -368,19 +596,26 @@ async def publish_confirmed(
     confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
 ) -> None:
     """Publish one mandatory message on a channel opened with ``publisher_confirms=True``
-    and ``on_return_raises=True``, and wait for its confirm; every failure is mapped onto
-    :mod:`worker.errors` (see the module docstring). ``props.message_id`` must be set and
-    unique among the messages in flight on the channel: returns are matched by it."""
-    what = f"message {props.message_id}"
+    and ``on_return_raises=True``, and wait for its confirm, within ``confirm_timeout``;
+    every failure is raised as one of :mod:`worker.errors` (see the module docstring),
+    whatever aiormq raises; only the caller's own cancellation propagates as itself.
+
+    Correct for any ``message_id``, repeated or absent: messages that share one (all those
+    without one count as sharing) are never in flight together on one channel; a later one
+    waits, within its ``confirm_timeout``, until the earlier one is confirmed or returned.
+    So each copy is confirmed or returned on its own, and callers need not keep ids unique.
+    """
+    message_id = props.message_id or None
+    what = f"message {message_id}" if message_id else "a message without id"
     try:
-        confirmation = await channel.basic_publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=props,
-            mandatory=True,
-            timeout=confirm_timeout,
-        )
+        async with asyncio.timeout(confirm_timeout), _alone(channel, message_id):
+            confirmation = await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=True,
+            )
     except aiormq.exceptions.PublishError:  # a Basic.Return: before DeliveryError, its base
         raise UnroutableError(
             f"{what} was returned by the broker: no queue is bound to exchange "
@@ -392,7 +627,15 @@ async def publish_confirmed(
         raise UnroutableError(f"exchange {exchange!r} does not exist") from None
     except TimeoutError:
         raise PublishError(f"no confirm for {what} within {confirm_timeout:g}s") from None
-    except BROKER_ERRORS as exc:
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the caller was cancelled (or its deadline passed)
+        # aiormq cancelled the confirmation under us: its channel or connection closed.
+        raise BrokerUnavailable(
+            f"the connection to RabbitMQ was lost before {what} was confirmed"
+        ) from None
+    except Exception as exc:
         # Messages queued behind the one that closed the channel fail with "channel
         # closed": the channel's own close reason says what really happened.
         if isinstance(_close_reason(channel), aiormq.exceptions.ChannelNotFoundEntity):
