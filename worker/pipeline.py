@@ -81,7 +81,7 @@ class Pipeline:
         rejected: list[tuple[int, Rejection]] = []
         unread: set[int] = set()
         for i, held in enumerate(batch):
-            verdict = self.intake(held.delivery, now)
+            verdict = intake(held.delivery, self.settings, now)
             if verdict is None:
                 unread.add(i)
             elif isinstance(verdict, Event):
@@ -115,36 +115,6 @@ class Pipeline:
         if oldest is not None:
             m.lag_seconds.observe(max(time.time() - oldest, 0.0))
         self.session.adapt_prefetch([h.delivery.size for h in batch])
-
-    def intake(self, delivery: Delivery, now: datetime) -> Event | Rejection | None:
-        """An event, a rejection, or None: refused unread (a body too large to hold)."""
-        if delivery.oversize:
-            return None
-        if delivery.invalid is not None:
-            return _invalid_properties(delivery.invalid)
-        if delivery.delivery_count >= self.settings.delivery_limit:
-            return Rejection(
-                events.DELIVERY_LIMIT,
-                f"delivered {delivery.delivery_count} times without being settled (each time "
-                "the worker holding it stopped): dead-lettered unprocessed, in case it is "
-                "what stops the workers",
-            )
-        if not delivery.plain_json:
-            try:
-                props = delivery.properties
-            except Malformed as exc:
-                return _invalid_properties(str(exc))
-            refusal = events.check_properties(
-                props.text("content_type"), props.text("content_encoding")
-            )
-            if refusal is not None:
-                return refusal
-        return events.decode(
-            delivery.body,
-            self.settings.max_event_bytes,
-            max_future_seconds=self.settings.max_future_seconds,
-            now=now,
-        )
 
     async def _ingest(self, valid: list[Event], batch: list[Held]) -> store.IngestResult | None:
         """Ingest, retrying transient faults; None if the batch was abandoned."""
@@ -222,6 +192,37 @@ class Pipeline:
                 "routing_key": delivery.routing_key,
             },
         )
+
+
+def intake(delivery: Delivery, settings: Settings, now: datetime) -> Event | Rejection | None:
+    """An event, a rejection, or None: refused unread (a body too large to hold)."""
+    if delivery.oversize:
+        return None
+    if delivery.invalid is not None:
+        return _invalid_properties(delivery.invalid)
+    if delivery.delivery_count >= settings.delivery_limit:
+        return Rejection(
+            events.DELIVERY_LIMIT,
+            f"delivered {delivery.delivery_count} times without being settled (each time "
+            "the worker holding it stopped): dead-lettered unprocessed, in case it is "
+            "what stops the workers",
+        )
+    if not delivery.plain_json:
+        try:
+            props = delivery.properties
+        except Malformed as exc:
+            return _invalid_properties(str(exc))
+        refusal = events.check_properties(
+            props.text("content_type"), props.text("content_encoding")
+        )
+        if refusal is not None:
+            return refusal
+    return events.decode(
+        delivery.body,
+        settings.max_event_bytes,
+        max_future_seconds=settings.max_future_seconds,
+        now=now,
+    )
 
 
 def _invalid_properties(why: str) -> Rejection:

@@ -35,8 +35,6 @@ import contextlib
 import logging
 from typing import Any, Final
 
-import aiormq
-
 from worker import amqp, broker
 from worker.acks import Source
 from worker.batching import Dispatcher
@@ -170,10 +168,11 @@ class Session:
         except ConfigError:
             await _close(consumer, publisher)
             raise
-        except (aiormq.exceptions.AMQPError, amqp.AMQPError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # whatever a misbehaving node (or proxy) does at connect
             await _close(consumer, publisher)
             raise BrokerUnavailable(
-                f"setting up the connections to {mask_url(url)} failed: {exc}"
+                f"setting up the connections to {mask_url(url)} failed: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         finally:
             with contextlib.suppress(Exception):
