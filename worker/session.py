@@ -171,8 +171,7 @@ class Session:
         except Exception as exc:  # whatever a misbehaving node (or proxy) does at connect
             await _close(consumer, publisher)
             raise BrokerUnavailable(
-                f"setting up the connections to {mask_url(url)} failed: "
-                f"{type(exc).__name__}: {exc}"
+                f"setting up the connections to {mask_url(url)} failed: {type(exc).__name__}: {exc}"
             ) from exc
         finally:
             with contextlib.suppress(Exception):
