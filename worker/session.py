@@ -114,7 +114,8 @@ class Session:
                 self.metrics.reconnects.labels(server="broker").inc()
             self._retrying.succeeded()
             log.info(
-                "connected to the broker at %s%s",
+                "%s to the broker at %s%s",
+                "reconnected" if connected_before else "connected",
                 mask_url(self.url or ""),
                 "" if self._allowed else "; not consuming until the database answers",
             )
