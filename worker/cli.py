@@ -404,7 +404,7 @@ def _finish(report: Any, *, as_json: bool) -> None:
     help="Also append each invalid line (file, line, reason, detail) to this JSONL file.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@settings_options(*BROKER_SETTINGS, "max_event_bytes")
+@settings_options(*BROKER_SETTINGS, "max_event_bytes", "max_held_bytes")
 def publish(
     settings: Settings, file: str, window: int, rejects_path: str | None, as_json: bool
 ) -> None:
@@ -484,6 +484,8 @@ def publish(
     "database_url",
     *BROKER_SETTINGS,
     "max_event_bytes",
+    "max_held_bytes",
+    "batch_max_bytes",
     "statement_cache_size",
     "retry_max_seconds",
 )

@@ -107,6 +107,9 @@ logs.guard_amqp_loggers()  # no message body in aiormq's log records, whoever se
 #: outstanding confirms and is flat from there to thousands. 256 leaves room for the longer
 #: round trips of a replicated cluster, for at most 256 events held in memory.
 DEFAULT_WINDOW: Final = 256
+#: Bytes of message bodies awaiting their confirm at once (besides ``window``): a window of
+#: 256 events of 16 MiB would otherwise hold 4 GiB.
+DEFAULT_BYTES_IN_FLIGHT: Final = 64 * 1_048_576
 #: The deadline of one publish: window slot, connection and confirm together.
 DEFAULT_TIMEOUT: Final = 30.0
 #: :func:`publish_confirmed`'s default (the worker's dead-letter copies, redrive).
@@ -208,6 +211,7 @@ class Publisher:
         timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = broker.CONNECT_TIMEOUT_SECONDS,
         max_event_bytes: int = events.DEFAULT_MAX_EVENT_BYTES,
+        max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT,
         name: str = "prompter-publisher",
         app_id: str | None = None,
     ) -> None:
@@ -222,12 +226,15 @@ class Publisher:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.max_event_bytes = max_event_bytes
+        self.max_bytes_in_flight = max_bytes_in_flight
         self.name = name
         self.app_id = app_id or name
         self._connection: aiormq.Connection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._opening: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(window)
+        self._bytes_in_flight = 0
+        self._bytes_freed = asyncio.Event()
         # Each message in flight: its task, and the future its sender awaits.
         self._outstanding: dict[asyncio.Task[None], _InFlight] = {}
         self._closed = False
@@ -238,6 +245,7 @@ class Publisher:
         """A publisher on the broker, names and limits of ``settings``."""
         kwargs.setdefault("declare", settings.declare)
         kwargs.setdefault("max_event_bytes", settings.max_event_bytes)
+        kwargs.setdefault("max_bytes_in_flight", settings.max_held_bytes)
         return cls(settings.amqp_url, broker.Topology.from_settings(settings), **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -353,20 +361,34 @@ class Publisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         self._refuse_if_closed()
+        size = len(prepared.body)
         try:
             async with asyncio.timeout_at(deadline):
                 await self._slots.acquire()
+                try:
+                    # Bytes too: a message that would take those in flight past the bound
+                    # waits (one alone always goes).
+                    while self._bytes_in_flight and (
+                        self._bytes_in_flight + size > self.max_bytes_in_flight
+                    ):
+                        self._bytes_freed.clear()
+                        await self._bytes_freed.wait()
+                except BaseException:
+                    self._slots.release()
+                    raise
         except TimeoutError:
             raise PublishError(
-                f"message {prepared.event_id} was not sent: the {self.window} messages before "
-                f"it were not confirmed within {self.timeout:g}s"
+                f"message {prepared.event_id} was not sent: the messages before it were not "
+                f"confirmed within {self.timeout:g}s"
             ) from None
+        self._bytes_in_flight += size
         try:
             channel = await self._channel_by(deadline)  # refuses if closed meanwhile
         except BaseException:
             self._slots.release()
+            self._release_bytes(size)
             raise
-        flight = _InFlight(prepared.event_id, loop.create_future())
+        flight = _InFlight(prepared.event_id, loop.create_future(), size)
         task = loop.create_task(self._publish(channel, prepared, routing_key, deadline, flight))
         self._outstanding[task] = flight
         task.add_done_callback(self._settled)
@@ -377,9 +399,14 @@ class Publisher:
         while self._outstanding:
             await asyncio.wait(set(self._outstanding))
 
+    def _release_bytes(self, size: int) -> None:
+        self._bytes_in_flight -= size
+        self._bytes_freed.set()
+
     def _settled(self, task: asyncio.Task[None]) -> None:
         self._slots.release()
         flight = self._outstanding.pop(task)
+        self._release_bytes(flight.size)
         # Cancelled before it could say why (close() cancels): its sender learns it here.
         flight.fail(self._closed_error(f"before message {flight.event_id} was confirmed"))
 
@@ -497,6 +524,7 @@ class _InFlight:
 
     event_id: str
     done: asyncio.Future[None]
+    size: int
 
     def fail(self, exc: BaseException) -> None:
         if not self.done.done():

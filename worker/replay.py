@@ -460,6 +460,7 @@ async def ingest_files(
     *,
     max_bytes: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = 8 * 1_048_576,
     concurrency: int = DEFAULT_CONCURRENCY,
     rate: float | None = None,
     checkpoint: Checkpoint | None = None,
@@ -469,9 +470,10 @@ async def ingest_files(
     stop: Stop | None = None,
     retry_max_seconds: float = 30.0,
 ) -> Report:
-    """Store every valid line of ``paths`` through :meth:`Store.ingest`, in batches of
-    ``batch_size``, ``concurrency`` batches at a time (give the store's pool as many
-    connections). ``store=None`` is a dry run. Lines the contract or the store refuses go
+    """Store every valid line of ``paths`` through :meth:`Store.ingest`, in batches of at
+    most ``batch_size`` events and ``batch_bytes`` bytes (a larger single event alone),
+    ``concurrency`` batches at a time (give the store's pool as many connections): what a
+    run holds is bounded by ``concurrency + 1`` batches. ``store=None`` is a dry run. Lines the contract or the store refuses go
     to ``rejects``. A transient database fault is retried with backoff (up to
     :data:`DIRECT_ATTEMPTS` tries of the batch), then stops the run."""
     run = _Run.start(
@@ -541,6 +543,7 @@ async def ingest_files(
                 continue
             file, mark = started
             batch: list[tuple[int, Event]] = []
+            held = 0
             with jsonl.Reader(inp.name, max_bytes=max_bytes) as reader:
                 for line, event in run.valid_events(
                     inp, file, mark, reader, columns=store is not None
@@ -549,11 +552,15 @@ async def ingest_files(
                         mark.skip(line)
                         continue
                     await pacer.wait()
+                    if batch and held + len(event.body) > batch_bytes:
+                        await submit(inp.name, file, mark, batch)
+                        batch, held = [], 0
                     batch.append((line, event))
+                    held += len(event.body)
                     mark.sent(line)
                     if len(batch) >= batch_size:
                         await submit(inp.name, file, mark, batch)
-                        batch = []
+                        batch, held = [], 0
                 if batch and not run.failure and not run.stop.now.is_set():
                     await submit(inp.name, file, mark, batch)
                 if tasks:
@@ -650,6 +657,7 @@ async def run_direct(
                 Store(pool) if pool is not None else None,
                 max_bytes=settings.max_event_bytes,
                 batch_size=batch_size,
+                batch_bytes=settings.batch_max_bytes,
                 concurrency=concurrency,
                 rate=rate,
                 checkpoint=checkpoint,
