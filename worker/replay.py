@@ -473,9 +473,10 @@ async def ingest_files(
     """Store every valid line of ``paths`` through :meth:`Store.ingest`, in batches of at
     most ``batch_size`` events and ``batch_bytes`` bytes (a larger single event alone),
     ``concurrency`` batches at a time (give the store's pool as many connections): what a
-    run holds is bounded by ``concurrency + 1`` batches. ``store=None`` is a dry run. Lines the contract or the store refuses go
-    to ``rejects``. A transient database fault is retried with backoff (up to
-    :data:`DIRECT_ATTEMPTS` tries of the batch), then stops the run."""
+    run holds is bounded by ``concurrency + 1`` batches. ``store=None`` is a dry run. Lines
+    the contract or the store refuses go to ``rejects``. A transient database fault is
+    retried with backoff (up to :data:`DIRECT_ATTEMPTS` tries of the batch), then stops the
+    run."""
     run = _Run.start(
         "direct",
         paths,
