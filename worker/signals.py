@@ -19,10 +19,13 @@ def handle_signals(handler: Callable[[int], None]) -> Iterator[None]:
         return
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
     for sig in sigs:
         loop.add_signal_handler(sig, handler, int(sig))
     try:
         yield
     finally:
         for sig in sigs:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # sets the default disposition...
+            if previous[sig] is not None:  # ...so the one found before comes back
+                signal.signal(sig, previous[sig])
