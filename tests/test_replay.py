@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -474,3 +475,23 @@ async def test_direct_backfill_without_the_schema_is_a_clear_error(
             [str(path)],
             rejects_path=str(tmp_path / "r"),
         )
+
+
+async def test_the_progress_bar_ends_at_the_size_of_the_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(issue 15) The bar counts each file's bytes once: after two files it stands at their
+    total size, not beyond (it used to add each finished file twice)."""
+    t = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+    paths = []
+    for name in ("a.jsonl", "b.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b"".join(encode(event_doc(t)) + b"\n" for _ in range(300)))
+        paths.append(str(path))
+    report = await replay.publish_files(paths, None, max_bytes=1 << 20, progress=True)
+    assert report.ok
+    err = capsys.readouterr().err
+    shown = re.findall(r"\|\s*([\d.]+[kMG]?B?)/([\d.]+[kMG]?B?)", err)
+    assert shown, err[-500:]
+    done, total = shown[-1]
+    assert done == total

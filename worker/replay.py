@@ -340,8 +340,8 @@ def _end_file(run: _Run, reader: jsonl.Reader) -> None:
     run.marks[-1] = (inp, file, mark, eof)
     if not eof:
         file.stopped_after = mark.high
+    run.tick(reader, force=True)  # the bar at the end of this file: base + its position
     run.base += reader.size or 0
-    run.tick(reader, force=True)
 
 
 async def _until(awaitable: Awaitable[Any], abort: asyncio.Event) -> bool:
