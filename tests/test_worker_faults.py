@@ -163,3 +163,44 @@ async def test_a_stop_interrupts_a_database_that_does_not_answer(settings: Setti
         took = time.monotonic() - started
     assert process.returncode == 0
     assert took < 5
+
+
+async def test_the_database_returning_while_reading_is_paused_resumes_without_a_reconnect(
+    settings: Settings, conn: asyncpg.Connection, runtime_role: tuple[str, str]
+) -> None:
+    """The worker holds its whole byte budget (reading paused) when the database goes away,
+    and its consumers are cancelled; when the database answers again, consuming resumes
+    without waiting for a broker reply that sits behind the paused deliveries: every event
+    is stored, the connection is never dropped."""
+    role = runtime_role[0]
+    t = await make_tenant(conn)
+    small = settings.replace(
+        max_held_bytes=2 * 1_048_576,
+        max_event_bytes=512 * 1024,
+        batch_max_bytes=1_048_576,
+        retry_max_seconds=0.5,
+        db_pool_size=1,  # one batch in flight: nothing else frees bytes meanwhile
+    )
+    worker = Worker(small)
+    pad = "x" * 300_000
+    bodies = [encode(event_doc(t, request={"pad": pad})) for _ in range(40)]
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        async with running(worker):
+            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+            await publish(bodies, settings.exchange)
+
+            async def full_and_down() -> bool:
+                return worker.dispatcher.full and not worker.health.database_ok
+
+            await wait_until(full_and_down, within=30, message="the budget held, the database down")
+            await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+            await wait_until(lambda: _rows(conn, 40), within=60, message="every event stored")
+    finally:
+        await admin.execute(f'ALTER ROLE "{role}" LOGIN')
+        await admin.close()
+    assert sample(worker, "prompter_reconnects_total", server="broker") == 0
+    assert await queue_depth(settings.dead_letter_queue) == 0

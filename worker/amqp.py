@@ -650,12 +650,23 @@ class Connection(asyncio.Protocol):
                 timeout,
             )
 
+    def consume_nowait(self, channel: int, queue: str, consumer_tag: str) -> None:
+        """Start consuming without waiting for the broker's reply (none is sent; a missing
+        queue closes the channel, and with it this connection): usable while reading is
+        paused, when a reply could not be read."""
+        self._writable()
+        self._send(
+            spec.Basic.Consume(queue=queue, consumer_tag=consumer_tag, no_ack=False, nowait=True),
+            channel,
+        )
+        self.consumers[consumer_tag] = channel
+
     def cancel_nowait(self, consumer_tag: str) -> None:
-        """Cancel a consumer without waiting for the broker's reply (it may sit behind
+        """Cancel a consumer without waiting for the broker's reply (it could sit behind
         deliveries while reading is paused); deliveries sent before it still arrive."""
         channel = self.consumers.pop(consumer_tag, None)
         if channel is not None:
-            self._send(spec.Basic.Cancel(consumer_tag=consumer_tag), channel)
+            self._send(spec.Basic.Cancel(consumer_tag=consumer_tag, nowait=True), channel)
 
     def _writable(self) -> asyncio.Transport:
         transport = self.transport

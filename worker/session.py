@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from typing import Any, Final
 
@@ -84,7 +85,7 @@ class Session:
         self._next_node = 0
         self._average_size = 0.0
         self._prefetch: dict[int, int] = {}
-        self._changing = asyncio.Lock()
+        self._tags = itertools.count(1)
         self._retrying = Retrying(what="the broker connection", logger=log)
         dispatcher.on_full = self.pause_reading
         dispatcher.on_room = self.resume_reading
@@ -120,7 +121,7 @@ class Session:
                 "" if self._allowed else "; not consuming until the database answers",
             )
             connected_before = True
-            await self._consume_if_allowed()
+            self._consume_if_allowed()
             reason = await self._wait_until_closed()
             if reason == "stopping":
                 # A graceful stop: keep the channels until what they hold is acked.
@@ -236,61 +237,64 @@ class Session:
     # -- consuming ---------------------------------------------------------------------
 
     async def allow(self, allowed: bool) -> None:
-        """Consume (True: the database answers) or stop taking deliveries (False)."""
+        """Consume (True: the database answers) or stop taking deliveries (False). Never
+        waits for the broker: it is called from a batch, and a reply could sit behind
+        deliveries while reading is paused at the byte budget."""
         if allowed == self._allowed:
             return
         self._allowed = allowed
         if allowed:
             log.info("the database answers: consuming")
-            await self._consume_if_allowed()
+            self._consume_if_allowed()
         else:
-            await self._cancel(wait=False)
+            self._cancel_nowait()
             log.warning("the database is unavailable: consumers cancelled until it answers")
 
     async def stop_consuming(self) -> None:
         """Stop the broker sending more (a graceful stop); what is held is still processed.
         Deliveries sent before the CancelOk were handed over, in order, before it."""
         self._allowed = False
-        await self._cancel(wait=True)
+        self._consuming = False
+        self._set_consumers(0)
+        consumer = self.consumer
+        if consumer is None or consumer.closed.done():
+            return
+        for source in self.sources:
+            tag, source.consumer_tag = source.consumer_tag, None
+            if tag is not None:
+                with contextlib.suppress(amqp.AMQPError, TimeoutError):
+                    await consumer.cancel(tag, timeout=5)
 
-    async def _consume_if_allowed(self) -> None:
-        async with self._changing:
-            consumer = self.consumer
-            if (
-                not self._allowed
-                or self._consuming
-                or consumer is None
-                or consumer.closed.done()
-                or self.stopping.is_set()
-            ):
-                return
-            try:
-                for source in self.sources:
-                    source.consumer_tag = await consumer.consume(source.channel, source.queue)
-            except (amqp.AMQPError, TimeoutError) as exc:
-                log.warning("consuming failed, reconnecting: %s", exc)
-                consumer._fail(amqp.AMQPError(f"consuming failed: {exc}"))
-                consumer._close_transport()
-                return
-            self._consuming = True
-            self._set_consumers(len(self.sources))
-
-    async def _cancel(self, *, wait: bool) -> None:
-        async with self._changing:
-            consumer = self.consumer
-            self._consuming = False
-            self._set_consumers(0)
-            if consumer is None or consumer.closed.done():
-                return
+    def _consume_if_allowed(self) -> None:
+        consumer = self.consumer
+        if (
+            not self._allowed
+            or self._consuming
+            or consumer is None
+            or consumer.closed.done()
+            or self.stopping.is_set()
+        ):
+            return
+        try:
             for source in self.sources:
-                tag, source.consumer_tag = source.consumer_tag, None
-                if tag is None:
-                    continue
-                if wait:
-                    with contextlib.suppress(amqp.AMQPError, TimeoutError):
-                        await consumer.cancel(tag, timeout=5)
-                else:
-                    consumer.cancel_nowait(tag)
+                tag = f"{self.name}.{source.channel}.{next(self._tags)}"
+                consumer.consume_nowait(source.channel, source.queue, tag)
+                source.consumer_tag = tag
+        except amqp.AMQPError:
+            return  # the connection is closing: the session reconnects
+        self._consuming = True
+        self._set_consumers(len(self.sources))
+
+    def _cancel_nowait(self) -> None:
+        consumer = self.consumer
+        self._consuming = False
+        self._set_consumers(0)
+        if consumer is None or consumer.closed.done():
+            return
+        for source in self.sources:
+            tag, source.consumer_tag = source.consumer_tag, None
+            if tag is not None:
+                consumer.cancel_nowait(tag)
 
     def _set_consumers(self, count: int) -> None:
         self.health.consumers = count
