@@ -60,7 +60,8 @@ GRANT USAGE ON SCHEMA public TO :"role";
 
 -- REVOKE ALL on a table takes back its column rights too.
 REVOKE ALL ON prompt_templates, prompt_versions, prompt_results FROM :"role";
-GRANT SELECT (id, org_id, workspace_id) ON prompt_templates TO :"role";
+-- id and tenant: the tenancy check of every batch; name and deleted_at: `trace`.
+GRANT SELECT (id, org_id, workspace_id, name, deleted_at) ON prompt_templates TO :"role";
 GRANT SELECT (id, org_id, workspace_id, template_id, provider_version_key, provider,
               model_id, fingerprint_captured_at, first_seen_at, last_seen_at),
       INSERT (org_id, workspace_id, template_id, provider_version_key, provider, model_id,

@@ -47,7 +47,7 @@ MUTABLE_VERSION_COLUMNS = (
     "first_seen_at", "last_seen_at", "fingerprint_captured_at", "provider", "model_id",
 )  # fmt: skip
 GRANTED = {
-    "prompt_templates": {"SELECT": {"id", "org_id", "workspace_id"}},
+    "prompt_templates": {"SELECT": {"id", "org_id", "workspace_id", "name", "deleted_at"}},
     "prompt_versions": {
         "SELECT": set(VERSION_COLUMNS),
         "INSERT": set(VERSION_COLUMNS) - {"id"},
@@ -69,7 +69,8 @@ async def test_runtime_role_has_only_what_ingestion_needs(
     """sql/runtime_role.sql makes a login role that is no superuser, creates no role or
     database, replicates nothing, bypasses no row security, belongs to no role, owns
     nothing, may not create in the schema or the database, holds no right on any table as
-    a whole, and exactly these column rights: SELECT of a template's id and tenant;
+    a whole, and exactly these column rights: SELECT of a template's id and tenant (and
+    name and deletion time, for `trace`);
     SELECT, INSERT and UPDATE of the mutable columns only on versions; INSERT and SELECT
     (but of version_id) on results."""
     role = runtime_role[0]
@@ -427,7 +428,9 @@ def test_no_piece_of_a_password_reaches_any_output(tmp_path: Path, variant: str)
             outputs.append((f"{fmt}: {' '.join(args)}", out.stdout + out.stderr))
         outputs.append((f"{fmt}: run", _run_until_it_logs(env)))
     for name, text in outputs:
-        assert "Traceback" not in text, (name, text)
+        # At --log-level debug a failed migration shows its traceback (by design, issue 18;
+        # without debug it is one line: tests/test_migrations.py): it must not leak either.
+        assert "Traceback" not in text or "migrate" in name, (name, text)
         for password in passwords:
             assert not password.leaks(text), (name, password.leaks(text), text)
     said = "\n".join(text for _, text in outputs)

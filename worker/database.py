@@ -41,7 +41,9 @@ class DatabaseHealth:
         self.metrics = metrics
         self.on_change = on_change
         self.pool: asyncpg.Pool | None = None
-        self.retrying = Retrying(what="the database", logger=log)
+        self.retrying = Retrying(
+            failing="database unavailable", recovered="database available again", logger=log
+        )
         self._last_success = 0.0
 
     async def failed(self, exc: TransientError) -> None:

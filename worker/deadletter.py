@@ -156,7 +156,9 @@ class DeadLetters:
         self.backoff = backoff
         self.forced = forced
         self.confirm_timeout = confirm_timeout
-        self.retrying = Retrying(what="dead-lettering", logger=log)
+        self.retrying = Retrying(
+            failing="dead-lettering failed", recovered="dead-lettering works again", logger=log
+        )
 
     async def publish(
         self, batch: Sequence[Held], rejected: list[tuple[int, Rejection]]

@@ -19,10 +19,12 @@
 
 Every delivery of a batch ends in exactly one of those three. The delivery limit is
 counted by the worker itself, from the broker's counters (``worker.amqp.Delivery``):
-RabbitMQ before 4.3 counts every return in ``x-delivery-count`` and dead-letters at the
-queue's ``x-delivery-limit``; 4.3 and later count only explicit failures there and every
-acquisition in ``x-acquired-count``, so a message that crashes the worker would never reach
-the queue's limit. The worker dead-letters it at the same limit, on every version.
+RabbitMQ before 4.3 counts every return in ``x-delivery-count`` and dead-letters a message
+returned more than the queue's ``x-delivery-limit`` times; 4.3 and later count only
+explicit failures there and every acquisition in ``x-acquired-count``, so a message that
+crashes the worker might never reach the queue's limit. The worker dead-letters a delivery
+whose previous deliveries exceed the same limit, so the protection holds on every version
+(on older ones the broker gets there first).
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ def intake(delivery: Delivery, settings: Settings, now: datetime) -> Event | Rej
         return None
     if delivery.invalid is not None:
         return _invalid_properties(delivery.invalid)
-    if delivery.delivery_count >= settings.delivery_limit:
+    if delivery.delivery_count > settings.delivery_limit:
         return Rejection(
             events.DELIVERY_LIMIT,
             f"delivered {delivery.delivery_count} times without being settled (each time "

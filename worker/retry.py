@@ -53,11 +53,13 @@ def backoff(attempt: int, cap: float) -> float:
 
 @dataclass(kw_only=True)
 class Retrying:
-    """The log lines of one kind of fault (``what``: "the database", "dead-lettering"):
-    the first failure, then at most one every :data:`LOG_EVERY_SECONDS`, then recovery.
-    ``failures`` counts the attempts since the last success."""
+    """The log lines of one kind of fault: the first failure (``"<failing>, retrying:
+    <reason>"``), then at most one every :data:`LOG_EVERY_SECONDS` while it lasts, then
+    the recovery (``"<recovered> after N failed attempts"``). ``failures`` counts the
+    attempts since the last success."""
 
-    what: str
+    failing: str  # "database unavailable"
+    recovered: str  # "database available again"
     logger: logging.Logger
     clock: Callable[[], float] = time.monotonic
     failures: int = 0
@@ -67,11 +69,11 @@ class Retrying:
         now = self.clock()
         self.failures += 1
         if self.failures == 1:
-            self.logger.warning("%s failed, retrying: %s", self.what, reason)
+            self.logger.warning("%s, retrying: %s", self.failing, reason)
             self._last_log = now
         elif now - self._last_log >= LOG_EVERY_SECONDS:
             self.logger.warning(
-                "%s still failing after %d attempts: %s", self.what, self.failures, reason
+                "%s, still after %d attempts, retrying: %s", self.failing, self.failures, reason
             )
             self._last_log = now
 
@@ -79,6 +81,6 @@ class Retrying:
         """Record a success; True if it ends a run of failures (the recovery was logged)."""
         if self.failures == 0:
             return False
-        self.logger.info("%s recovered after %d failed attempts", self.what, self.failures)
+        self.logger.info("%s after %d failed attempts", self.recovered, self.failures)
         self.failures = 0
         return True

@@ -86,7 +86,9 @@ class Session:
         self._average_size = 0.0
         self._prefetch: dict[int, int] = {}
         self._tags = itertools.count(1)
-        self._retrying = Retrying(what="the broker connection", logger=log)
+        self._retrying = Retrying(
+            failing="broker unavailable", recovered="broker available again", logger=log
+        )
         dispatcher.on_full = self.pause_reading
         dispatcher.on_room = self.resume_reading
 

@@ -53,6 +53,10 @@ NOT_FOUND: Final = "not_found"
 UNKNOWN: Final = "unknown"  # a server could not be read, and the other did not have it
 
 COMMIT_TIME_UNTRACKED: Final = "unknown (track_commit_timestamp is off)"
+COMMIT_TIME_NEEDS_SELECT: Final = (
+    "unknown (reading commit times needs SELECT on the whole prompt_results table; the "
+    "worker's runtime role has column rights only: run trace as the owner)"
+)
 COMMIT_TIME_UNRECORDED: Final = (
     "unknown (not recorded: written before track_commit_timestamp was turned on, "
     "or its transaction is too old)"
@@ -62,19 +66,31 @@ COMMIT_TIME_UNRECORDED: Final = (
 class SQL:
     # One probe of prompt_results_pkey; the template and version joined on their keys.
     # The commit time is asked only when tracked: otherwise the function raises.
-    FIND: Final = """
-        SELECT r.id, r.org_id, r.workspace_id, r.created_at, r.template_id, r.version_id,
+    # The version row through the unique key the result carries (the runtime role reads no
+    # version_id). The commit time needs the row's xmin, a system column that only a
+    # table-wide SELECT reads: the runtime role has column rights, so it gets FIND without
+    # it (COMMIT_TIME_NEEDS_SELECT).
+    _FIND: Final = """
+        SELECT r.id, r.org_id, r.workspace_id, r.created_at, r.template_id,
+               v.id AS version_id,
                t.name AS template_name, t.deleted_at AS template_deleted_at,
                v.provider, v.provider_version_key, v.model_id,
                v.first_seen_at, v.last_seen_at,
                current_setting('track_commit_timestamp')::boolean AS commit_time_tracked,
-               CASE WHEN current_setting('track_commit_timestamp')::boolean
-                    THEN pg_xact_commit_timestamp(r.xmin) END AS committed_at
+               {committed_at} AS committed_at
         FROM prompt_results r
         LEFT JOIN prompt_templates t ON t.id = r.template_id
-        LEFT JOIN prompt_versions v ON v.id = r.version_id
+        LEFT JOIN prompt_versions v
+               ON (v.org_id, v.workspace_id, v.template_id, v.provider_version_key)
+                = (r.org_id, r.workspace_id, r.template_id, r.provider_version_key)
         WHERE r.id = $1
     """
+    FIND: Final = _FIND.format(
+        committed_at="CASE WHEN current_setting('track_commit_timestamp')::boolean"
+        " THEN pg_xact_commit_timestamp(r.xmin) END"
+    )
+    FIND_WITHOUT_COMMIT_TIME: Final = _FIND.format(committed_at="NULL::timestamptz")
+    CAN_READ_XMIN: Final = "SELECT has_table_privilege('prompt_results', 'SELECT')"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,12 +206,16 @@ def canonical_event_id(value: str) -> str:
 
 
 async def find_stored(conn: asyncpg.Connection, event_id: str) -> StoredEvent | None:
-    row = await conn.fetchrow(SQL.FIND, uuid.UUID(event_id), timeout=QUERY_TIMEOUT_SECONDS)
+    whole_table = await conn.fetchval(SQL.CAN_READ_XMIN, timeout=QUERY_TIMEOUT_SECONDS)
+    query = SQL.FIND if whole_table else SQL.FIND_WITHOUT_COMMIT_TIME
+    row = await conn.fetchrow(query, uuid.UUID(event_id), timeout=QUERY_TIMEOUT_SECONDS)
     if row is None:
         return None
     note = None
     if not row["commit_time_tracked"]:
         note = COMMIT_TIME_UNTRACKED
+    elif not whole_table:
+        note = COMMIT_TIME_NEEDS_SELECT
     elif row["committed_at"] is None:
         note = COMMIT_TIME_UNRECORDED
     return StoredEvent(
