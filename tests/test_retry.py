@@ -33,7 +33,7 @@ def test_a_fault_is_logged_once_then_every_30_seconds_then_its_recovery(
     )
     caplog.set_level(logging.INFO, logger="test.retry")
     assert retrying.succeeded() is False
-    for second in range(0, 95):
+    for second in range(95):
         now[0] = float(second)
         retrying.failed("connection refused")
     assert retrying.succeeded() is True

@@ -205,8 +205,8 @@ def intake(delivery: Delivery, settings: Settings, now: datetime) -> Event | Rej
     if delivery.delivery_count > settings.delivery_limit:
         return Rejection(
             events.DELIVERY_LIMIT,
-            f"delivered {delivery.delivery_count} times without being settled (each time "
-            "the worker holding it stopped): dead-lettered unprocessed, in case it is "
+            f"delivered {delivery.delivery_count + 1} times without being settled (each "
+            "time the worker holding it stopped): dead-lettered unprocessed, in case it is "
             "what stops the workers",
         )
     if not delivery.plain_json:
