@@ -46,7 +46,10 @@ of times, and converge.
 If PostgreSQL refuses the batch for a *data* error (SQLSTATE classes 22, 23, 54), or asyncpg
 cannot encode a value of it (an ``OverflowError`` for a timestamp beyond year 9999 in UTC,
 say), the batch is bisected under savepoints until the offending events are found; they are
-rejected and the rest is stored, still in one transaction. Every other failure is a
+rejected and the rest is stored, still in one transaction. (Its halves take their locks
+half by half, out of the one order: a concurrent batch on the same rows may then deadlock
+with it. PostgreSQL breaks the cycle, and the batch it aborts is retried like any other
+:class:`~worker.errors.DatabaseConflict`.) Every other failure is a
 :class:`~worker.errors.TransientError` and the whole batch is left to the caller to retry.
 """
 
