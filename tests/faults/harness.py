@@ -51,12 +51,8 @@ MAX_EVENT_BYTES = 65536
 #: The slowest scenarios (a three-node cluster, failovers) run only with ``make faults``,
 #: which sets PROMPTER_FAULTS_SLOW=1: ``make test`` stays within its time budget.
 SLOW_ENABLED = os.environ.get("PROMPTER_FAULTS_SLOW", "") == "1"
-SLOW = [
-    pytest.mark.faults_slow,
-    pytest.mark.skipif(
-        not SLOW_ENABLED, reason="a slow fault scenario: `make faults` (PROMPTER_FAULTS_SLOW=1)"
-    ),
-]
+SLOW_REASON = "a slow fault scenario: `make faults` (PROMPTER_FAULTS_SLOW=1)"
+SLOW = [pytest.mark.faults_slow, pytest.mark.skipif(not SLOW_ENABLED, reason=SLOW_REASON)]
 
 #: One line per scenario, printed in the terminal summary as a table.
 RESULTS: list[Result] = []
