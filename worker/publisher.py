@@ -19,7 +19,8 @@ published only once the broker has confirmed it. Failures raise, from the tree i
 - :class:`~worker.errors.UnroutableError`: the broker returned the message (no queue is
   bound for the routing key) or the exchange does not exist;
 - :class:`~worker.errors.PublishError`: the broker nacked it (a full queue refuses
-  publishes), or no confirm came within ``confirm_timeout``;
+  publishes), or no confirm came within ``confirm_timeout``; the next send goes out on a
+  new channel;
 - :class:`~worker.errors.BrokerUnavailable`: no node could be reached, or the connection
   was lost before the confirm (the next call reconnects);
 - :class:`~worker.errors.ConfigError`: the topology exists with other arguments, or (with
@@ -164,6 +165,7 @@ class Publisher:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._slots = asyncio.Semaphore(window)
         self._outstanding: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._by_id: dict[str, asyncio.Task[None]] = {}
         self._opening = asyncio.Lock()
         self._next_node = 0
@@ -204,6 +206,8 @@ class Publisher:
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=10)
+        for task in set(self._retiring):  # their channels closed with the connection
+            task.cancel()
 
     @property
     def outstanding(self) -> int:
@@ -313,14 +317,39 @@ class Publisher:
             app_id=self.app_id,
             timestamp=datetime.now(UTC),
         )
-        await publish_confirmed(
-            channel,
-            prepared.body,
-            exchange=self.topology.exchange,
-            routing_key=routing_key,
-            props=props,
-            confirm_timeout=self.confirm_timeout,
-        )
+        try:
+            await publish_confirmed(
+                channel,
+                prepared.body,
+                exchange=self.topology.exchange,
+                routing_key=routing_key,
+                props=props,
+                confirm_timeout=self.confirm_timeout,
+            )
+        except PublishError:
+            self._retire(channel)
+            raise
+
+    def _retire(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Send nothing more on a channel that nacked or never confirmed: the next send
+        opens a new one. RabbitMQ 3.10 nacks every publish to a quorum queue, for the life of
+        the channel, once the channel's first publish to it met a leader that had just died
+        (the queue record still named it); a new channel looks the leader up again. The old
+        channel is closed once the publishes still in flight on it have settled."""
+        if self._channel is not channel:
+            return
+        self._channel = None
+        inflight = self._outstanding - {asyncio.current_task()}
+
+        async def close_when_settled() -> None:
+            if inflight:
+                await asyncio.wait(inflight, timeout=self.confirm_timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), timeout=10)
+
+        task = asyncio.get_running_loop().create_task(close_when_settled())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _ready_channel(self) -> aiormq.abc.AbstractChannel:
         channel = self._channel
