@@ -380,17 +380,22 @@ class Worker:
         return _Connection(connection, publisher, consumer, sources)
 
     async def _wait_until_closed(self, current: _Connection) -> None:
-        waits: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(current.connection.closing),
-            asyncio.ensure_future(current.publisher.closing),
-            asyncio.ensure_future(_settled(current.consumer.closed)),
-            asyncio.ensure_future(self._stop.wait()),
-        ]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        while True:
+            publisher = current.publisher
+            waits: list[asyncio.Future[Any]] = [
+                asyncio.ensure_future(current.connection.closing),
+                asyncio.ensure_future(publisher.closing),
+                asyncio.ensure_future(_settled(current.consumer.closed)),
+                asyncio.ensure_future(self._stop.wait()),
+            ]
+            try:
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            if done != {waits[1]} or current.publisher is publisher:
+                break
+            # Only a dead-letter channel closed, one replaced after a nack: watch the new one.
         if self._stop.is_set() and not current.consumer.closed.done():
             # Graceful stop: keep the connections until the processors have drained.
             await self._stopped_consuming.wait()
@@ -502,10 +507,13 @@ class Worker:
                 await self._sleep(backoff(attempt, self.settings.retry_max_seconds), hard=True)
                 attempt += 1
                 continue
+            channel = current.publisher
             results = await asyncio.gather(
                 *(self._publish_dead(current, batch[i][1], r, failed_at) for i, r in todo),
                 return_exceptions=True,
             )
+            if any(isinstance(outcome, PublishError) for outcome in results):
+                await self._renew_publisher(current, channel)
             retry = []
             for (i, r), outcome in zip(todo, results, strict=True):
                 if isinstance(outcome, BaseException):
@@ -521,6 +529,25 @@ class Worker:
             if todo:
                 await self._sleep(backoff(attempt, self.settings.retry_max_seconds), hard=True)
                 attempt += 1
+
+    async def _renew_publisher(
+        self, current: _Connection, channel: aiormq.abc.AbstractChannel
+    ) -> None:
+        """A new channel for the dead-letter copies after ``channel`` nacked one (or never
+        confirmed it); the old one is closed. RabbitMQ 3.10 nacks every publish to a quorum
+        queue, for the life of the channel, once the channel's first publish to it met a
+        leader that had just died: retried there, a copy would never be confirmed."""
+        if current.publisher is not channel:
+            return  # another processor renewed it already
+        try:
+            fresh = await current.connection.channel(publisher_confirms=True, on_return_raises=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError):
+            return  # the connection is going: the broker task starts over
+        if current.publisher is not channel:
+            await _close_channel_quietly(fresh)
+            return
+        current.publisher = fresh
+        await _close_channel_quietly(channel)
 
     async def _publish_dead(
         self,
@@ -612,6 +639,11 @@ async def _settled(future: asyncio.Future[None]) -> None:
     """Wait for a future to finish, however it finishes."""
     with contextlib.suppress(BaseException):
         await asyncio.shield(future)
+
+
+async def _close_channel_quietly(channel: aiormq.abc.AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(channel.close(), timeout=5)
 
 
 async def _close_quietly(
