@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+import aiormq
 import pytest
 
 from tests.faults.conftest import TEMPLATE_DATABASE, Servers, _delete_queues, _unavailable
@@ -33,9 +34,11 @@ from tests.faults.harness import (
     grep,
     interleave,
     poison_messages,
+    topology_settings,
     wait_for,
 )
-from tests.faults.servers import RabbitCluster, ServerError
+from tests.faults.servers import PrivateRabbit, RabbitCluster, ServerError
+from worker import broker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420), *SLOW]
 
@@ -289,3 +292,61 @@ async def test_rolling_restart(cluster_scenario: ClusterScenario, cluster: Rabbi
     for i, w in enumerate(workers):
         assert await _reconnected(w, 1), f"worker {i} never moved"
     await _finish(s, publisher, publishing)
+
+
+async def test_first_dead_letters_after_their_leader_was_killed(
+    cluster_scenario: ClusterScenario, cluster: RabbitCluster
+) -> None:
+    """The node leading the dead-letter queue (and no ingest queue) is killed before any
+    poison came: the workers' first dead-letter copies go out right after, while the queue
+    record may still name the dead leader (RabbitMQ 3.10 then nacks every later publish on
+    that channel, until the dead node is back). Each poison message is dead-lettered all
+    the same, and every good event stored, before the node comes back; once it is back,
+    nothing lost or doubled, nothing left unacked."""
+    s = await cluster_scenario("cluster-dead-letter-leader-killed")
+    good = [m for m in s.messages if m.good]
+    poison = [m for m in s.messages if not m.good]
+    await declare(s)  # from node 0: it leads every queue
+    await _lead_ingest_queues_from(s, cluster.nodes[1])
+    workers = [
+        await s.worker(amqp_url=cluster.urls(i, query=f"heartbeat={HEARTBEAT}")).start()
+        for i in range(len(cluster.nodes))
+    ]
+    for w in workers:
+        await w.ready()
+    publisher = s.cluster_publisher(cluster.urls(1, query=f"heartbeat={HEARTBEAT}"))
+    await publisher.library.publish(good[:1000])
+    await s.wait_rows(1000)
+    assert (await asyncio.to_thread(s.queues))[2][0] == 0, "no dead letter before the kill"
+    leader, _, _ = await asyncio.to_thread(cluster.quorum, s.names["dead_letter_queue"])
+    ingest_leader, _, _ = await asyncio.to_thread(cluster.quorum, s.names["queue"])
+    assert leader != ingest_leader
+    await asyncio.to_thread(cluster.kill, cluster.index(leader))
+    await asyncio.gather(publisher.raw.publish(poison), publisher.library.publish(good[1000:]))
+
+    async def dead_lettered() -> bool:
+        return (await asyncio.to_thread(s.queues))[2][0] >= len(poison)
+
+    # On the two surviving nodes: a node may stay lost for hours.
+    await wait_for(dead_lettered, within=90, message="every poison dead-lettered, node down")
+    await s.wait_rows(len(good))
+    await asyncio.to_thread(cluster.boot, cluster.index(leader))
+    await asyncio.to_thread(cluster.wait_running, 3)
+    await s.account(publisher, consumers=3)
+    renewed = sum(len(grep(w.log, "dead-lettering failed")) for w in workers)
+    print(f"{s.name}: {renewed} dead-letter copies nacked or unconfirmed, sent again")
+    await s.stop_workers()
+
+
+async def _lead_ingest_queues_from(s: Scenario, node: PrivateRabbit) -> None:
+    """Declare the two ingest queues again from ``node``, which then leads them (RabbitMQ
+    places a new quorum queue's leader on the node the declaring client is connected to)."""
+    topology = broker.Topology.from_settings(topology_settings(s))
+    connection = await aiormq.connect(node.amqp_url)
+    try:
+        channel = await connection.channel()
+        for key in ("queue", "replay_queue"):
+            await channel.queue_delete(s.names[key])
+        await broker.open_topology(connection, topology, passive=False)
+    finally:
+        await connection.close()
