@@ -24,8 +24,8 @@ run: $(STAMP)  ## the main job on local servers (DATABASE_URL, AMQP_URL; default
 test: $(STAMP)
 	$(BIN)/pytest
 
-faults: $(STAMP)  ## only the fault suite (private servers; also part of `make test`)
-	$(BIN)/pytest -m faults tests/faults
+faults: $(STAMP)  ## the whole fault suite, with the slow scenarios `make test` skips
+	PROMPTER_FAULTS_SLOW=1 $(BIN)/pytest -m faults tests/faults
 
 audit: $(STAMP)  ## the pins against OSV / PyPI advisories; exit 3 = NOT AUDITED (no source)
 	$(BIN)/python scripts/audit constraints.txt

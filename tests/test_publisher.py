@@ -16,7 +16,13 @@ from tests.conftest import AMQP_URL
 from tests.factories import Tenant, encode, event_doc
 from tests.helpers import close_connections_named, drain, queue_depth, wait_until
 from worker import broker
-from worker.errors import BrokerUnavailable, ConfigError, Rejection, UnroutableError
+from worker.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    PublishError,
+    Rejection,
+    UnroutableError,
+)
 from worker.events import Event, decode
 from worker.publisher import Publisher, prepare
 
@@ -248,3 +254,38 @@ async def test_a_lost_connection_fails_in_flight_publishes_and_the_next_call_rec
 
 async def _queue_at_least(queue: str, n: int) -> bool:
     return await queue_depth(queue) >= n
+
+
+async def test_a_nacked_publish_leaves_its_channel_and_the_next_send_takes_a_new_one(
+    topology: dict[str, str],
+) -> None:
+    """The broker nacks a publish: PublishError, and the publisher never sends on that
+    channel again; the next send opens a new one, and the nacking one is closed. (RabbitMQ
+    3.10 nacks every later publish to a quorum queue on a channel whose first publish to it
+    met a leader that had just died, for as long as that channel lives; docs/scaling.md.)
+    Here a queue bound beside the ingest queue refuses every message, then is deleted."""
+    full = f"{topology['queue']}.full"
+    async with Publisher(AMQP_URL, topo(topology)) as publisher:
+        await publisher.publish(event_doc(TENANT))
+        nacking = publisher._channel
+        assert nacking is not None
+        connection = await aiormq.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(
+                full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+            )
+            await channel.queue_bind(full, topology["exchange"], routing_key="prompt_run.*")
+            with pytest.raises(PublishError, match="nacked"):
+                await publisher.publish(event_doc(TENANT))
+            await channel.queue_delete(full)
+        finally:
+            await connection.close()
+        await publisher.publish(event_doc(TENANT))
+        assert publisher._channel is not nacking
+        await wait_until(lambda: _closed(nacking), message="the nacking channel closed")
+    assert await queue_depth(topology["queue"]) == 3
+
+
+async def _closed(channel: aiormq.abc.AbstractChannel) -> bool:
+    return channel.is_closed

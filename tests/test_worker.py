@@ -12,11 +12,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import aiormq
 import asyncpg
 import orjson
 import pytest
 from pamqp import commands as spec
 
+from tests.conftest import AMQP_URL
 from tests.factories import encode, event_doc, make_tenant
 from tests.helpers import (
     close_connections_named,
@@ -123,6 +125,59 @@ async def test_poison_messages_are_dead_lettered_and_neighbours_stored(
 
 async def _depth_at_least(queue: str, n: int) -> bool:
     return await queue_depth(queue) >= n
+
+
+async def test_a_nacked_dead_letter_copy_is_sent_again_on_a_new_channel(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """The broker nacks a dead-letter copy: the worker sends it again on a new channel of
+    the same connection (no reconnection; the nacking channel is closed), and the poison
+    lands in the dead-letter queue once the broker takes it; the worker consumes on.
+    (RabbitMQ 3.10 nacks every publish to a quorum queue, for the life of the channel, once
+    the channel's first publish to it met a leader that had just died: retried on that
+    channel, the copy would never be confirmed and the poison never acked; found by
+    tests/faults/test_cluster.py.) Here a queue bound beside the dead-letter queue refuses
+    every message until it goes away."""
+    t = await make_tenant(conn)
+    worker = Worker(settings)
+    async with running(worker):
+        original = worker.session.publish_channel
+        refusing = await aiormq.connect(AMQP_URL)
+        try:
+            channel = await refusing.channel()
+            full = f"{settings.dead_letter_queue}.full"
+            await channel.queue_declare(
+                full,
+                exclusive=True,  # gone with this connection
+                arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+            )
+            await channel.queue_bind(full, settings.dead_letter_exchange, routing_key="#")
+            await publish(
+                [b"{nope"],
+                settings.exchange,
+                properties=spec.Basic.Properties(
+                    delivery_mode=2, content_type="application/json", message_id="poison-nacked"
+                ),
+            )
+            await wait_until(
+                lambda: _metric(worker, "prompter_retries_total", 2, kind="dead_letter"),
+                message="the dead-letter copy nacked, twice",
+            )
+        finally:
+            await refusing.close()
+        await wait_until(
+            lambda: _depth_at_least(settings.dead_letter_queue, 1), message="dead-lettered"
+        )
+        await publish(bodies_for(t, 5), settings.exchange)
+        await wait_until(lambda: _rows(conn, 5), message="consuming on")
+        assert worker.session.publish_channel != original
+        assert worker.session.publisher is not None
+        assert original not in worker.session.publisher._published  # retired, closed
+        assert sample(worker, "prompter_reconnects_total", server="broker") == 0
+    # Each nacked copy reached the dead-letter queue too (a publish routed to two queues is
+    # nacked if either refuses it): at least once, and only the poison.
+    dead = await drain(settings.dead_letter_queue)
+    assert {m.header.properties.message_id for m in dead} == {"poison-nacked"}
 
 
 async def test_one_event_published_three_times_is_one_row(

@@ -612,6 +612,29 @@ class Connection(asyncio.Protocol):
         self._published[channel] = collections.OrderedDict()
         self._next_tag[channel] = 1
 
+    async def retire_publisher(self, channel: int, timeout: float = 30) -> None:
+        """Close a confirm channel once the publishes in flight on it are settled (or
+        ``timeout`` passed: those still open fail with :class:`AMQPError`)."""
+        published = self._published.get(channel)
+        if published is None:
+            return
+        waits = [p.future for p in published.values() if not p.future.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+        self._published.pop(channel, None)
+        self._next_tag.pop(channel, None)
+        for item in published.values():
+            if not item.future.done():
+                item.future.set_exception(AMQPError(f"channel {channel} retired unconfirmed"))
+                item.future.exception()
+        with contextlib.suppress(AMQPError, TimeoutError):
+            await self._rpc(
+                spec.Channel.Close(reply_code=200, reply_text="retired", class_id=0, method_id=0),
+                channel,
+                (spec.Channel.CloseOk,),
+                10,
+            )
+
     async def open_plain(self, channel: int, timeout: float = 10) -> None:
         """Open ``channel`` for queue commands (:meth:`queue_depth`, :meth:`purge`)."""
         await self._rpc(spec.Channel.Open(), channel, (spec.Channel.OpenOk,), timeout)

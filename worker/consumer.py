@@ -183,6 +183,7 @@ class Worker:
                 exchange=s.dead_letter_exchange,
                 publisher=self.session.publishing,
                 redeclare=self.session.redeclare,
+                renew=self.session.renew_publishing,
                 metrics=self.metrics,
                 health=self.health,
                 backoff=Backoff(cap=s.retry_max_seconds),

@@ -33,6 +33,7 @@ returned as unroutable has the topology declared again before the next attempt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -140,8 +141,9 @@ class DeadLetters:
         self,
         *,
         exchange: str,
-        publisher: Callable[[], amqp.Connection | None],
+        publisher: Callable[[], tuple[amqp.Connection, int] | None],
         redeclare: Callable[[], Awaitable[None]],
+        renew: Callable[[int], Awaitable[None]],
         metrics: Metrics,
         health: Health,
         backoff: Backoff,
@@ -151,6 +153,7 @@ class DeadLetters:
         self.exchange = exchange.encode()
         self._publisher = publisher
         self._redeclare = redeclare
+        self._renew = renew
         self.metrics = metrics
         self.health = health
         self.backoff = backoff
@@ -175,22 +178,24 @@ class DeadLetters:
                 return set()
             if self.forced.is_set():
                 return {i for i, _ in todo}
-            connection = self._publisher()
-            if connection is None or connection.closed.done():
+            publishing = self._publisher()
+            if publishing is None or publishing[0].closed.done():
                 await self._wait(attempt, "no connection to the broker")
                 attempt += 1
                 continue
+            connection, channel = publishing
             results = await asyncio.gather(
-                *(self._one(connection, batch[i].delivery, r, failed_at) for i, r in todo),
+                *(self._one(connection, channel, batch[i].delivery, r, failed_at) for i, r in todo),
                 return_exceptions=True,
             )
             retry = []
-            unroutable = False
+            unroutable = refused = False
             problem = ""
             for (i, r), outcome in zip(todo, results, strict=True):
                 if isinstance(outcome, BaseException):
                     retry.append((i, r))
                     unroutable = unroutable or isinstance(outcome, amqp.Returned)
+                    refused = refused or isinstance(outcome, (amqp.Nacked, TimeoutError))
                     problem = _describe(outcome)
                     self.metrics.retries.labels(kind="dead_letter").inc()
             todo = retry
@@ -204,12 +209,16 @@ class DeadLetters:
                     await self._redeclare()
                 except Exception as exc:  # reported through readiness; retried
                     self.health.problems["dead_letter"] = f"{problem}; declaring again: {exc}"
+            if refused:  # a nack, or no confirm: the next attempt on a new channel
+                with contextlib.suppress(amqp.AMQPError, TimeoutError):
+                    await self._renew(channel)
             await self._wait(attempt, problem)
             attempt += 1
 
     async def _one(
         self,
         connection: amqp.Connection,
+        channel: int,
         delivery: amqp.Delivery,
         rejection: Rejection,
         failed_at: str,
@@ -222,7 +231,7 @@ class DeadLetters:
             fallback_routing_key=LIVE_ROUTING_KEY.encode(),
         )
         confirmed = connection.publish(
-            1,
+            channel,
             exchange=self.exchange,
             routing_key=copy.routing_key,
             header=copy.header,

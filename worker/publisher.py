@@ -19,7 +19,9 @@ published only once the broker has confirmed it. Failures raise, from the tree i
 - :class:`~worker.errors.UnroutableError`: the broker returned the message (no queue is
   bound for the routing key) or the exchange does not exist;
 - :class:`~worker.errors.PublishError`: the broker nacked it (a full queue refuses
-  publishes), or no confirm came before the publish's deadline (``timeout``);
+  publishes), or no confirm came before the publish's deadline (``timeout``); the next
+  send goes out on a new channel (RabbitMQ 3.10 keeps nacking on a channel that first met a
+  quorum queue's dead leader);
 - :class:`~worker.errors.BrokerUnavailable`: no node could be reached (or none answered
   before the deadline), the connection was lost before the confirm (the next call
   reconnects), or the publisher is closed;
@@ -237,6 +239,7 @@ class Publisher:
         self._bytes_freed = asyncio.Event()
         # Each message in flight: its task, and the future its sender awaits.
         self._outstanding: dict[asyncio.Task[None], _InFlight] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # closing a channel that nacked
         self._closed = False
         self._next_node = 0
 
@@ -288,6 +291,8 @@ class Publisher:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             await _close_quietly(connection)
+        for task in set(self._retiring):  # their channels closed with the connection
+            task.cancel()
 
     @property
     def closed(self) -> bool:
@@ -436,16 +441,40 @@ class Publisher:
                     confirm_timeout=self.timeout,
                 )
         except TimeoutError:
+            self._retire(channel)
             flight.fail(
                 PublishError(f"no confirm for message {prepared.event_id} within {self.timeout:g}s")
             )
         except WorkerError as exc:
+            if isinstance(exc, PublishError):
+                self._retire(channel)
             flight.fail(exc)
         except Exception as exc:  # publish_confirmed maps everything; never leak another
             flight.fail(BrokerUnavailable(f"publishing failed: {type(exc).__name__}: {exc}"))
         else:
             if not flight.done.done():
                 flight.done.set_result(None)
+
+    def _retire(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """Send nothing more on a channel that nacked or never confirmed: the next send
+        opens a new one. RabbitMQ 3.10 nacks every publish to a quorum queue, for the life of
+        the channel, once the channel's first publish to it met a leader that had just died
+        (the queue record still named it); a new channel looks the leader up again. The old
+        channel is closed once the publishes still in flight on it have settled."""
+        if self._channel is not channel:
+            return
+        self._channel = None
+        inflight = set(self._outstanding) - {asyncio.current_task()}
+
+        async def close_when_settled() -> None:
+            if inflight:
+                await asyncio.wait(inflight, timeout=self.timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), timeout=CLOSE_TIMEOUT)
+
+        task = asyncio.get_running_loop().create_task(close_when_settled())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     # -- connecting ------------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ PREFETCH_STEP: Final = 0.25
 #: Weight of the newest batch in the running average of message sizes.
 SIZE_SMOOTHING: Final = 0.2
 PUBLISH_CHANNEL: Final = 1
+#: Confirm channels are numbered from 1 up to this, then from 1 again (a retired one is
+#: closed long before its number comes round).
+MAX_PUBLISH_CHANNEL: Final = 1000
 
 
 class Session:
@@ -86,6 +89,8 @@ class Session:
         self._average_size = 0.0
         self._prefetch: dict[int, int] = {}
         self._tags = itertools.count(1)
+        self.publish_channel = PUBLISH_CHANNEL
+        self._retiring: set[asyncio.Task[None]] = set()
         self._retrying = Retrying(
             failing="broker unavailable", recovered="broker available again", logger=log
         )
@@ -181,6 +186,7 @@ class Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(topology.close(), timeout=5)
         self.url, self.consumer, self.publisher, self.sources = url, consumer, publisher, sources
+        self.publish_channel = PUBLISH_CHANNEL
         self._consuming = False
         if self.dispatcher.full:
             consumer.pause()
@@ -358,9 +364,28 @@ class Session:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), timeout=5)
 
-    def publishing(self) -> amqp.Connection | None:
-        """The publishing connection, while connected."""
-        return self.publisher if self.connected.is_set() else None
+    def publishing(self) -> tuple[amqp.Connection, int] | None:
+        """The publishing connection and its confirm channel, while connected."""
+        if not self.connected.is_set() or self.publisher is None:
+            return None
+        return self.publisher, self.publish_channel
+
+    async def renew_publishing(self, failed: int) -> None:
+        """Publish on a new confirm channel of the same connection from now on, and close
+        ``failed`` once what is in flight on it settled. RabbitMQ 3.10 nacks every publish
+        to a quorum queue, for the life of a channel, once the channel's first publish to it
+        met a leader that had just died (the queue record still named it); a new channel
+        looks the leader up again (fixed in 3.11)."""
+        publisher = self.publisher
+        if failed != self.publish_channel or publisher is None or publisher.closed.done():
+            return  # renewed already, or the connection is going anyway
+        fresh = failed % MAX_PUBLISH_CHANNEL + 1
+        await publisher.open_publisher(fresh)
+        self.publish_channel = fresh
+        log.info("dead-lettering on a new channel (%d) after a nack or a missing confirm", fresh)
+        task = asyncio.get_running_loop().create_task(publisher.retire_publisher(failed))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +14,16 @@ from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
 
 from tests.faults import conftest
+from tests.faults.harness import ConfirmedPublisher
 from tests.faults.proxy import FaultProxy, _FrameFilter, _message_id
-from tests.faults.servers import ServerError
+from tests.faults.servers import (
+    Certificates,
+    PostgresPair,
+    PrivateRabbit,
+    RabbitCluster,
+    ServerError,
+)
+from worker.config import Settings
 
 
 async def _echo_server() -> asyncio.Server:
@@ -118,3 +127,50 @@ def test_servers_that_cannot_start_fail_in_ci_and_skip_elsewhere(
     expected = outcome or pytest.skip.Exception
     with pytest.raises(expected, match="private servers did not start: no initdb"):
         conftest._unavailable(str(ServerError("no initdb")))
+
+
+def test_cluster_and_failover_urls_are_what_the_worker_accepts(tmp_path: Path) -> None:
+    """Worker i of a cluster lists every node starting at node i; the cluster's checks use
+    a node it has not taken down; a publisher moves to the next node at each reconnection;
+    the primary/standby URL names both hosts with target_session_attrs=read-write; the
+    worker's settings accept both URLs as they are."""
+    certs = Certificates(ca=tmp_path, cert=tmp_path, key=tmp_path, other_ca=tmp_path)
+    cluster = RabbitCluster(tmp_path / "mq", certs)
+    cluster.nodes = [
+        PrivateRabbit(tmp_path / f"n{i}", 5000 + i, 6000 + i, 7000 + i, certs, name=f"c{i}")
+        for i in range(3)
+    ]
+    urls = cluster.urls(1, query="heartbeat=3")
+    assert [u.rpartition("@")[2] for u in urls.split(",")] == [
+        "127.0.0.1:5001/?heartbeat=3",
+        "127.0.0.1:5002/?heartbeat=3",
+        "127.0.0.1:5000/?heartbeat=3",
+    ]
+    assert len({n.node for n in cluster.nodes}) == 3
+    cluster.down.update({0, 1})
+    assert cluster.port == 5002
+
+    publisher = ConfirmedPublisher(urls, "exchange")
+    tried = []
+    for _ in range(4):
+        tried.append(publisher._url().rpartition("@")[2])
+        publisher._node += 1
+    assert tried == [
+        "127.0.0.1:5001/?heartbeat=3&name=fault-publisher",
+        "127.0.0.1:5002/?heartbeat=3&name=fault-publisher",
+        "127.0.0.1:5000/?heartbeat=3&name=fault-publisher",
+        "127.0.0.1:5001/?heartbeat=3&name=fault-publisher",
+    ]
+    assert (
+        ConfirmedPublisher("amqp://g:g@h:1/", "x")._url() == "amqp://g:g@h:1/?name=fault-publisher"
+    )
+
+    pair = PostgresPair(tmp_path / "pg", certs, synchronous=True)
+    url = pair.url("db", user="worker", password="p@ss word")
+    hosts = f"127.0.0.1:{pair.primary.port},127.0.0.1:{pair.standby.port}"
+    assert url == (
+        f"postgresql://worker:p%40ss%20word@{hosts}/db"
+        "?sslmode=disable&target_session_attrs=read-write"
+    )
+    settings = Settings.from_env({"DATABASE_URL": url, "AMQP_URL": urls})
+    assert (settings.database_url, settings.amqp_url) == (url, urls)
