@@ -21,7 +21,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import with_user
@@ -447,6 +447,8 @@ _PASSWORDS = st.text(alphabet=st.sampled_from(list(",#@:%/?;=ab%2C[]")), min_siz
 
 
 @settings(max_examples=300, deadline=None)
+@example(passwords=["k://k"], scheme="amqp", tail="/")  # a scheme inside a password (CI, 12-01)
+@example(passwords=["k,ab://k", "k:b//k"], scheme="amqps", tail=":5672/vhost")
 @given(
     passwords=st.lists(_PASSWORDS, min_size=1, max_size=3),
     scheme=st.sampled_from(["amqp", "amqps", "postgresql"]),

@@ -484,7 +484,7 @@ def mask_url(url: str) -> str:
     ``sslpassword=`` pairs are masked too. A URL is never parsed here, so nothing that
     fails to parse can slip through.
     """
-    return _mask_pairs(",".join(_mask_userinfo(part) for part in split_urls(url)))
+    return _mask_pairs(",".join(_mask_userinfo(part) for part in _masked_parts(split_urls(url))))
 
 
 def redact(text: str) -> str:
@@ -494,7 +494,7 @@ def redact(text: str) -> str:
     if "://" in text:
         out: list[str] = []
         last = 0
-        starts = [m.start() for m in _SCHEME.finditer(text)]
+        starts = _url_starts(text, [m.start() for m in _SCHEME.finditer(text)])
         for i, start in enumerate(starts):
             stop = starts[i + 1] if i + 1 < len(starts) else len(text)
             space = re.search(r"\s", text[start:stop])
@@ -505,6 +505,44 @@ def redact(text: str) -> str:
         out.append(text[last:])
         text = "".join(out)
     return _mask_pairs(text)
+
+
+# After ``://`` and before any ``@``: a host, a ``:port`` and maybe a path, a query or a comma
+# (the end of a URL of a list). Anything else after a ``:`` is a password still going on.
+_PORT_OR_HOST: Final = re.compile(r"[^:@\s]*(?::\d+(?:[/?,][^@\s]*)?)?,?\s*")
+
+
+def _in_userinfo(segment: str) -> bool:
+    """Whether ``segment`` (a URL's text up to what looks like the next URL's scheme) stops
+    inside a password: ``amqp://user:k`` before ``://k@host`` is one URL whose password holds
+    ``k://k``, not two URLs. When in doubt the two are read as one and masked together: a
+    host hidden by mistake costs less than a password printed."""
+    _, sep, rest = segment.partition("://")
+    return bool(sep) and "@" not in rest and not _PORT_OR_HOST.fullmatch(rest)
+
+
+def _masked_parts(parts: list[str]) -> list[str]:
+    """The URLs of a list as masking reads them: a part that ends inside a password is
+    joined with the next one (see :func:`_in_userinfo`)."""
+    out: list[str] = []
+    for part in parts:
+        if out and _in_userinfo(out[-1]):
+            out[-1] = f"{out[-1]},{part}"
+        else:
+            out.append(part)
+    return out
+
+
+def _url_starts(text: str, starts: list[int]) -> list[int]:
+    """The starts of the URLs in free text: a scheme found inside the password of the URL
+    before it (``amqp://user:k://k@host``) starts nothing. Whitespace always ends a URL."""
+    kept: list[int] = []
+    for start in starts:
+        segment = text[kept[-1] : start] if kept else ""
+        if segment and not re.search(r"\s", segment) and _in_userinfo(segment):
+            continue
+        kept.append(start)
+    return kept
 
 
 def _mask_userinfo(url: str) -> str:
