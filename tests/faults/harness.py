@@ -290,7 +290,7 @@ class LibraryPublisher:
             self.amqp_url,
             broker.Topology.from_settings(self.settings),
             window=self.window,
-            confirm_timeout=self.confirm_timeout,
+            timeout=self.confirm_timeout,
             max_event_bytes=MAX_EVENT_BYTES,
             name="fault-library-publisher",
         )
