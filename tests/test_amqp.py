@@ -196,3 +196,43 @@ async def test_unreachable_broker_raises() -> None:
     """A closed port raises at once."""
     with pytest.raises(ConnectionRefusedError):
         await amqp.connect("amqp://guest:guest@127.0.0.1:1/", lambda d: None, name="x")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "amqp://u%40ser:p%2Cw%23d%3A@broker.example:5673/%2Fprod?heartbeat=7&name=x",
+        "amqps://svc@rmq.internal/vhost?cafile=/ca.pem&capath=/etc/ca&certfile=/c.pem"
+        "&keyfile=/k.pem&auth=external",
+        "amqps://a:b@rmq/?no_verify_ssl=1&heartbeat=0",
+        "amqps://a:b@rmq/?no_verify_ssl=&heartbeat=99999",
+        "amqp://rmq",
+    ],
+)
+async def test_urls_are_read_as_aiormq_reads_them(url: str) -> None:
+    """The worker's own connection and aiormq's agree on every part of a URL: host, port,
+    credentials (percent-decoded), vhost, heartbeat, TLS files, verification and the
+    authentication mechanism (so one AMQP_URL means the same to both connections)."""
+    ours = amqp.Endpoint.parse(url)
+    theirs = aiormq.Connection(url)
+    assert (ours.host, ours.port) == (theirs.url.host, theirs.url.port)
+    assert ours.user == (theirs.url.user if theirs.url.user is not None else "guest")
+    assert ours.password == (theirs.url.password if theirs.url.password is not None else "guest")
+    assert ours.vhost == theirs.vhost
+    if "heartbeat" in url:
+        assert ours.heartbeat == theirs.heartbeat_timeout
+    certs = theirs.ssl_certs
+    assert (ours.cafile, ours.capath, ours.cadata) == (certs.cafile, certs.capath, certs.cadata)
+    assert (ours.certfile, ours.keyfile) == (certs.cert, certs.key)
+    assert ours.verify == certs.verify
+    assert ours.external == (theirs.url.query.get("auth", "plain").upper() == "EXTERNAL")
+    assert ours.tls == (url.startswith("amqps"))
+
+
+async def test_external_authentication_the_broker_does_not_offer_is_a_clear_error() -> None:
+    """auth=external toward a broker without the EXTERNAL mechanism: an AMQPError naming
+    the mechanism and what the broker offers, never a hang."""
+    url = AMQP_URL.rstrip("/") + "/?auth=external"
+    with pytest.raises(amqp.AMQPError, match="no EXTERNAL authentication"):
+        await amqp.connect(url, lambda d: None, name="test-amqp-external", timeout=10)
