@@ -221,3 +221,29 @@ def settings(database: str, topology: dict[str, str], runtime_role: tuple[str, s
         log_format="text",
         **topology,
     )
+
+
+# --- pytest-xdist: `make test` runs the suite in two processes ------------------------------
+#: The fault scenarios' rows, sent by the xdist worker that ran them (tests/faults/conftest.py).
+_FAULT_ROWS: list[tuple[object, ...]] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fault scenarios run one after the other in one process (each starts its own
+    servers and loads the machine); everything else is spread over both."""
+    for item in items:
+        if item.get_closest_marker("faults") or item.get_closest_marker("faults_slow"):
+            item.add_marker(pytest.mark.xdist_group("faults"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    _FAULT_ROWS.extend(getattr(node, "workeroutput", {}).get("fault_results", []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FAULT_ROWS:
+        from tests.faults import harness
+
+        # One worker ran them all, in order (the "faults" group).
+        harness.print_table(terminalreporter, [harness.Result(*r) for r in _FAULT_ROWS])  # type: ignore[arg-type]

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(420)  # every part of the bench, small: about 2 minutes on a busy machine
 def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     """Every part runs against the local servers and the report, its JSON and its plot are
     written (the numbers of a quick run mean nothing, so none is asserted)."""

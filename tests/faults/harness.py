@@ -496,6 +496,11 @@ class Result:
         return ", ".join(f"{k}={v}" for k, v in zip(self.HEADER, self.cells(), strict=True))
 
 
+def print_table(terminal: pytest.TerminalReporter, results: Sequence[Result]) -> None:
+    terminal.section("fault suite: every confirmed publish accounted for")
+    terminal.write_line(table(results))
+
+
 def table(results: Sequence[Result]) -> str:
     rows = [Result.HEADER, *(r.cells() for r in results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(Result.HEADER))]
