@@ -40,7 +40,7 @@ from worker.config import Settings, mask_url
 from worker.database import DatabaseHealth
 from worker.deadletter import DeadLetters
 from worker.errors import ConfigError, SchemaError, TransientError
-from worker.metrics import Health, Metrics, MetricsServer
+from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
 from worker.pipeline import Pipeline
 from worker.retry import Backoff
 from worker.session import Session
@@ -199,6 +199,8 @@ class Worker:
             asyncio.create_task(self.database.probe(self.stopping), name="db-probe"),
             tick,
         ]
+        if s.log_summary_seconds > 0:
+            side.append(asyncio.create_task(self._summarize(), name="summary"))
         processors = [
             asyncio.create_task(self._processor(pipeline), name=f"processor-{i}")
             for i in range(s.db_pool_size)
@@ -275,6 +277,27 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self.stopping.wait()
+
+    async def _summarize(self) -> None:
+        """Every PROMPTER_LOG_SUMMARY_SECONDS, one line of what happened, from the
+        metrics' counters (:meth:`Metrics.totals`); nothing when nothing happened. The
+        last stretch is summarized when the worker closes (this task is cancelled)."""
+        clock = asyncio.get_running_loop().time
+        before = self.metrics.totals(clock())
+        try:
+            while True:
+                await asyncio.sleep(self.settings.log_summary_seconds)
+                before = self._summary(before, clock())
+        finally:
+            self._summary(before, clock())
+
+    def _summary(self, before: Totals, now: float) -> Totals:
+        totals = self.metrics.totals(now)
+        fields = totals.since(before)
+        if fields is not None:
+            fields["held"] = sum(s.held for s in self.session.sources)
+            log.info(summary_text(fields), extra=fields)
+        return totals
 
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():

@@ -116,7 +116,9 @@ class Pipeline:
             m.duplicates.inc(duplicates)
         if oldest is not None:
             m.lag_seconds.observe(max(time.time() - oldest, 0.0))
-        self.session.adapt_prefetch([h.delivery.size for h in batch])
+        sizes = [h.delivery.size for h in batch]
+        m.bytes.inc(sum(sizes))
+        self.session.adapt_prefetch(sizes)
 
     async def _ingest(self, valid: list[Event], batch: list[Held]) -> store.IngestResult | None:
         """Ingest, retrying transient faults; None if the batch was abandoned."""
@@ -128,7 +130,7 @@ class Pipeline:
             try:
                 result = await self.store.ingest(valid)
             except TransientError as exc:
-                await self.database.failed(exc)
+                await self.database.failed(exc, batch=len(batch), attempt=attempt + 1)
                 if self.forced.is_set():
                     return None
                 try:
