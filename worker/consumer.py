@@ -30,11 +30,11 @@ import contextlib
 import gc
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from worker import __version__, broker, schema, store
+from worker import __version__, broker, schema, store, tracing
 from worker.batching import Dispatcher
 from worker.config import Settings, mask_url
 from worker.database import DatabaseHealth
@@ -47,15 +47,22 @@ from worker.session import Session
 from worker.signals import handle_signals
 from worker.store import Store
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
 log = logging.getLogger(__name__)
 
 
 class Worker:
     """``prompter-worker run``: consume, batch, store, dead-letter, ack; until stopped."""
 
-    def __init__(self, settings: Settings, *, name: str = "prompter-worker") -> None:
+    def __init__(
+        self, settings: Settings, *, name: str = "prompter-worker", tracer: Tracer | None = None
+    ) -> None:
         self.settings = settings
         self.name = name
+        # Spans when tracing is on (worker.tracing): given, or the process's own.
+        self.tracer = tracer if tracer is not None else tracing.current()
         self.metrics = Metrics()
         self.health = Health()
         self.dispatcher = Dispatcher(
@@ -192,6 +199,7 @@ class Worker:
             database=self.database,
             metrics=self.metrics,
             forced=self.forced,
+            tracer=self.tracer,
         )
         await self.session.allow(True)
         side = [
@@ -244,7 +252,7 @@ class Worker:
                         await self.stopping.wait()
                 attempt += 1
                 continue
-            self.store = Store(self.pool)
+            self.store = Store(self.pool, tracer=self.tracer)
             self.database.pool = self.pool
             await self.database.succeeded()
             return True
@@ -363,7 +371,10 @@ def run(settings: Settings) -> int:
     """Run a worker to completion in a fresh event loop (uvloop where installed: about a
     sixth less CPU per message, bench/README.md); the process exit code."""
     try:
-        import uvloop  # noqa: PLC0415 - optional: absent on Windows
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return asyncio.run(Worker(settings).run())
-    return uvloop.run(Worker(settings).run())
+        try:
+            import uvloop  # noqa: PLC0415 - optional: absent on Windows
+        except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+            return asyncio.run(Worker(settings).run())
+        return uvloop.run(Worker(settings).run())
+    finally:
+        tracing.flush()  # the last batches' spans, before the process exits

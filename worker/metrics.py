@@ -95,7 +95,6 @@ class Metrics:
             registry=r,
         )
 
-
     def totals(self, at: float) -> Totals:
         """What the counters say now (the summary line compares two of these)."""
 
