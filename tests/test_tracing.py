@@ -391,3 +391,16 @@ async def _rows(conn: asyncpg.Connection, n: int) -> bool:
 
 async def _dead_lettered(exporter: InMemorySpanExporter) -> bool:
     return bool(_by_name(exporter, tracing.DEAD_LETTER))
+
+
+def test_a_batch_links_to_at_most_the_link_limit() -> None:
+    """The first messages with a context, up to OTEL_SPAN_LINK_COUNT_LIMIT (default 128):
+    the SDK would drop the rest, so they are not read."""
+    good = _header(encode_entries([("traceparent", GOOD)]))
+    bare = _header()
+    assert len(tracing.links([bare, good] * 200, 128)) == 128
+    assert len(tracing.links([bare, good, bare], 128)) == 1
+    assert tracing.links([good], 0) == []
+    assert tracing.link_limit({}) == 128
+    assert tracing.link_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": "16"}) == 16
+    assert tracing.link_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": "lots"}) == 128

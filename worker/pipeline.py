@@ -73,6 +73,7 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.tracer = tracer  # None: tracing off, no span and no header read
+        self._link_limit = tracing.link_limit()
         self.store = store
         self.session = session
         self.dispatcher = dispatcher
@@ -89,7 +90,7 @@ class Pipeline:
         from opentelemetry.trace import SpanKind  # noqa: PLC0415 - tracing is on
 
         queues = sorted({h.source.queue for h in batch})
-        links = tracing.links(h.delivery.header for h in batch)
+        links = tracing.links((h.delivery.header for h in batch), self._link_limit)
         with self.tracer.start_as_current_span(
             tracing.BATCH,
             kind=SpanKind.CONSUMER,
