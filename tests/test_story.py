@@ -19,7 +19,7 @@ from tests.helpers import close_connections_named, count, publish, running, samp
 from worker import logs
 from worker.config import Settings
 from worker.consumer import Worker
-from worker.metrics import Metrics
+from worker.metrics import Metrics, summary_text
 
 MARKER = "PAYLOAD-MARKER-7f3a"  # in every body published: must never reach a log line
 
@@ -184,3 +184,23 @@ async def _reconnected(worker: Worker) -> bool:
 
 async def _ready(worker: Worker) -> bool:
     return worker.health.ready
+
+
+def test_the_summary_line_reads_well() -> None:
+    """Counts, rejections by reason, rates, and durations in a unit people read."""
+    fields = {
+        "seconds": 60.0,
+        "stored": 100,
+        "duplicates": 2,
+        "rejected": {"invalid_json": 3, "unknown_template": 1},
+        "retries": {"DatabaseUnavailable": 2},
+        "events_per_second": 1.8,
+        "mb_per_second": 0.1,
+        "lag_seconds": 40_989_727.6,
+    }
+    assert summary_text(fields) == (
+        "in the last 60 s: 100 stored, 2 duplicates, 4 rejected (invalid_json 3, "
+        "unknown_template 1), 2 retries, 1.8 events/s, 0.1 MB/s, lag 474.4 days"
+    )
+    assert summary_text({**fields, "lag_seconds": 0.25}).endswith("lag 0.25 s")
+    assert summary_text({**fields, "lag_seconds": 750.0}).endswith("lag 12.5 min")

@@ -197,8 +197,16 @@ def summary_text(fields: dict[str, Any]) -> str:
         f"{fields['mb_per_second']:g} MB/s",
     ]
     if "lag_seconds" in fields:
-        said.append(f"lag {fields['lag_seconds']:g} s")
-    return f"in the last {fields['seconds']:g} s: " + ", ".join(said)
+        said.append(f"lag {_duration(fields['lag_seconds'])}")
+    return f"in the last {_duration(fields['seconds'])}: " + ", ".join(said)
+
+
+def _duration(seconds: float) -> str:
+    """``0.25 s``, ``90 s``, ``12.5 min``, ``3.2 h``, ``474.4 days``: for people."""
+    for unit, size in (("days", 86_400.0), ("h", 3_600.0), ("min", 60.0)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.3g} s"
 
 
 @dataclass
