@@ -404,3 +404,41 @@ def test_a_batch_links_to_at_most_the_link_limit() -> None:
     assert tracing.link_limit({}) == 128
     assert tracing.link_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": "16"}) == 16
     assert tracing.link_limit({"OTEL_SPAN_LINK_COUNT_LIMIT": "lots"}) == 128
+
+
+def test_a_failed_step_records_its_exception_class_only(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A database error's message may quote the data: the span says the class, and holds
+    no exception event (no message, no traceback)."""
+    provider, exporter = spans
+    tracer = tracing.tracer_of(provider)
+    with pytest.raises(ValueError, match="secret"), tracing.span(tracer, "step", {"a": 1}):
+        raise ValueError("secret payload value")
+    [span] = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "ValueError"
+    assert not span.events
+    assert "secret" not in span.to_json()
+    with tracing.span(None, "nothing") as nothing:
+        assert nothing is None
+
+
+async def test_a_failed_publish_ends_its_span_as_an_error(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    """A message the broker returns: its PRODUCER span ends, marked failed with the
+    error's class."""
+    from worker.errors import UnroutableError
+
+    provider, exporter = spans
+    t = await make_tenant(conn)
+    async with Publisher.from_settings(settings, tracer=tracing.tracer_of(provider)) as p:
+        with pytest.raises(UnroutableError):
+            await p.publish(event_doc(t), routing_key="nobody.listens")
+    [span] = exporter.get_finished_spans()
+    assert span.kind is SpanKind.PRODUCER
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "UnroutableError"
