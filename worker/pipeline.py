@@ -103,7 +103,8 @@ class Pipeline:
                 "messaging.batch.message_count": len(batch),
                 "prompter.links": len(links),
             },
-            record_exception=False,
+            record_exception=False,  # an exception's message may quote the data
+            set_status_on_exception=False,
         ) as span:
             await self._process(batch, span)
 
