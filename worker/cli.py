@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from worker import __version__, logs
+from worker import __version__, logs, tracing
 from worker.config import Settings
 from worker.errors import ConfigError, SchemaError, WorkerError
 
@@ -33,9 +33,10 @@ def settings_options(*names: str) -> Callable[[F], F]:
             overrides = {name: kwargs.pop(name) for name in names}
             try:
                 settings = Settings.from_env(**overrides)
+                logs.configure(settings.log_level, settings.log_format)
+                tracing.setup()  # only if OTEL_* asks for it (worker.tracing)
             except ConfigError as exc:
                 raise click.UsageError(str(exc)) from None
-            logs.configure(settings.log_level, settings.log_format)
             return func(*args, settings=settings, **kwargs)
 
         for name in reversed(names):

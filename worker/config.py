@@ -338,6 +338,13 @@ class Settings:
     metrics_host: str = setting(
         "127.0.0.1", "PROMPTER_METRICS_HOST", "Address the metrics server listens on.", _name
     )
+    log_summary_seconds: float = setting(
+        60.0,
+        "PROMPTER_LOG_SUMMARY_SECONDS",
+        "Seconds between the worker's summary lines (stored, rejected, retries, rates), "
+        "written only when something happened; 0 turns them off.",
+        _float_range(0, 86_400),
+    )
     log_level: str = setting(
         "info",
         "PROMPTER_LOG_LEVEL",

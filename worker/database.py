@@ -46,11 +46,13 @@ class DatabaseHealth:
         )
         self._last_success = 0.0
 
-    async def failed(self, exc: TransientError) -> None:
-        """A statement or a connection failed for a reason that is not the data's."""
+    async def failed(self, exc: TransientError, **context: int) -> None:
+        """A statement or a connection failed for a reason that is not the data's;
+        ``context`` (a batch's ``batch=`` deliveries and ``attempt=``) goes into the log
+        line, when one is written."""
         self.metrics.retries.labels(kind=type(exc).__name__).inc()
         self.health.problems["database"] = str(exc)
-        self.retrying.failed(exc)
+        self.retrying.failed(exc, **context)
         if self.health.database_ok:
             self.health.database_ok = False
             await self.on_change(False)

@@ -33,12 +33,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import asyncpg
 from tqdm import tqdm
 
-from worker import broker, jsonl, schema
+from worker import broker, jsonl, schema, tracing
 from worker.checkpoint import Checkpoint, Watermark
 from worker.config import Settings
 from worker.errors import (
@@ -53,6 +53,9 @@ from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
 from worker.reports import FileReport, Invalid, Rejects, Report
 from worker.signals import handle_signals
 from worker.store import Outcome, Store, backoff, create_pool, unreachable
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 CHECKPOINT_EVERY_SECONDS: Final = 1.0
 DEFAULT_BATCH_SIZE: Final = 1000
@@ -495,6 +498,18 @@ async def ingest_files(
         name: str, file: FileReport, mark: Watermark, batch: list[tuple[int, Event]]
     ) -> None:
         assert store is not None
+        attributes = {"prompter.events": len(batch), "prompter.replay.file": name}
+        with tracing.span(store.tracer, tracing.REPLAY_BATCH, attributes) as span:
+            await write_batch(name, file, mark, batch, span)
+
+    async def write_batch(
+        name: str,
+        file: FileReport,
+        mark: Watermark,
+        batch: list[tuple[int, Event]],
+        span: Span | None,
+    ) -> None:
+        assert store is not None
         try:
             events = [e for _, e in batch]
             attempt = 0
@@ -513,6 +528,8 @@ async def ingest_files(
                     file.unconfirmed += len(batch)
                     run.fail(exc)
                     return
+            if span is not None:
+                span.set_attributes(_counts(result.outcomes, attempt))
             for (line, event), outcome in zip(batch, result.outcomes, strict=True):
                 if isinstance(outcome, Rejection):
                     file.refused += 1
@@ -629,6 +646,16 @@ async def run_broker(
             await publisher.close(grace=0 if stop.now.is_set() else None)
 
 
+def _counts(outcomes: Sequence[Outcome | Rejection], retries: int) -> dict[str, int]:
+    """A ``replay --direct`` batch's span attributes."""
+    return {
+        "prompter.stored": sum(o is Outcome.STORED for o in outcomes),
+        "prompter.duplicates": sum(o is Outcome.DUPLICATE for o in outcomes),
+        "prompter.rejected": sum(isinstance(o, Rejection) for o in outcomes),
+        "prompter.retries": retries,
+    }
+
+
 async def run_direct(
     settings: Settings,
     paths: Sequence[str],
@@ -655,7 +682,7 @@ async def run_direct(
         with stop_on_signals(stop):
             return await ingest_files(
                 paths,
-                Store(pool) if pool is not None else None,
+                Store(pool, tracer=tracing.current()) if pool is not None else None,
                 max_bytes=settings.max_event_bytes,
                 batch_size=batch_size,
                 batch_bytes=settings.batch_max_bytes,

@@ -252,7 +252,7 @@ class Session:
             return
         self._allowed = allowed
         if allowed:
-            log.info("the database answers: consuming")
+            log.info("the database answers")
             self._consume_if_allowed()
         else:
             self._cancel_nowait()
@@ -292,6 +292,16 @@ class Session:
             return  # the connection is closing: the session reconnects
         self._consuming = True
         self._set_consumers(len(self.sources))
+        log.info(
+            "consuming",
+            extra={
+                "queues": [source.queue for source in self.sources],
+                "prefetch": [self._prefetch.get(source.channel) for source in self.sources],
+                "max_held_bytes": self.settings.max_held_bytes,
+                "db_pool_size": self.settings.db_pool_size,
+                "batch_size": self.settings.batch_size,
+            },
+        )
 
     def _cancel_nowait(self) -> None:
         consumer = self.consumer

@@ -61,14 +61,16 @@ import enum
 import itertools
 import random
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import asyncpg
 import orjson
 
 from worker import events as ev
+from worker import tracing
 from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import (
     DatabaseConflict,
@@ -78,6 +80,9 @@ from worker.errors import (
     TransientError,
 )
 from worker.events import Event, JsonColumns
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 
 class SQL:
@@ -465,8 +470,11 @@ class Store:
     version key's row id. Both caches are bounded and only ever hold committed rows.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, cache_size: int = 100_000) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, cache_size: int = 100_000, tracer: Tracer | None = None
+    ) -> None:
         self.pool = pool
+        self.tracer = tracer  # None: no spans (tracing off)
         self._tenants: dict[str, tuple[str, str]] = {}
         self._versions: dict[VersionKey, str] = {}
         self._cache_size = cache_size
@@ -482,17 +490,23 @@ class Store:
         if not events:
             return IngestResult(outcomes=[])
         try:
-            async with self.pool.acquire() as conn:
-                await self._check_tenants(conn, events, outcomes)
-                rounds = self._rounds(events, outcomes)
-                if rounds:
-                    await self._ingest(conn, events, rounds, outcomes)
+            with tracing.span(self.tracer, tracing.INGEST, {"prompter.events": len(events)}):
+                return await self._ingest_batch(events, outcomes)
         except TransientError:
             raise
         except Exception as exc:
             if isinstance(exc, asyncpg.PostgresError) or _is_infrastructure(exc):
                 raise classify(exc) from exc
             raise
+
+    async def _ingest_batch(
+        self, events: Sequence[Event], outcomes: list[Outcome | Rejection | None]
+    ) -> IngestResult:
+        async with self.pool.acquire() as conn:
+            await self._check_tenants(conn, events, outcomes)
+            rounds = self._rounds(events, outcomes)
+            if rounds:
+                await self._ingest(conn, events, rounds, outcomes)
         final: list[Outcome | Rejection] = []
         for o in outcomes:
             assert o is not None, "every event has an outcome"
@@ -521,15 +535,16 @@ class Store:
             settled: Settled = {}
             learned: dict[VersionKey, str] = {}
             try:
-                async with conn.transaction():
-                    for n, todo in enumerate(rounds):
-                        if mode is _Mode.BISECT:
-                            await self._bisect(conn, events, todo, settled, learned)
-                        elif mode is _Mode.CAREFUL:
-                            await self._careful(conn, events, todo, settled, learned)
-                        else:
-                            fast = mode is _Mode.FAST and n == 0
-                            await self._round(conn, events, todo, settled, learned, fast=fast)
+                with self._traced("transaction", mode.name.lower()):
+                    async with conn.transaction():
+                        for n, todo in enumerate(rounds):
+                            if mode is _Mode.BISECT:
+                                await self._bisect(conn, events, todo, settled, learned)
+                            elif mode is _Mode.CAREFUL:
+                                await self._careful(conn, events, todo, settled, learned)
+                            else:
+                                fast = mode is _Mode.FAST and n == 0
+                                await self._round(conn, events, todo, settled, learned, fast=fast)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != RESULTS_PRIMARY_KEY or mode not in _TAKES_NEW:
                     raise
@@ -631,12 +646,15 @@ class Store:
         """Settle the events of ``todo`` whose id is stored already (a duplicate, or a
         conflicting duplicate); the others, still to write."""
         with _encoding():
-            rows = await conn.fetch(SQL.STORED_IDS, " ".join([events[i].event_id for i in todo]))
+            ids = " ".join([events[i].event_id for i in todo])
+            with self._sql("STORED_IDS"):
+                rows = await conn.fetch(SQL.STORED_IDS, ids)
         if not rows:
             return todo
         stored = {r[0] for r in rows}
         repeats = [i for i in todo if events[i].event_id in stored]
-        verdicts = await self._compare(conn, [events[i] for i in repeats])
+        with self._sql("COMPARE_STORED"):
+            verdicts = await self._compare(conn, [events[i] for i in repeats])
         for i in repeats:
             verdict = verdicts.get(events[i].event_id)
             if verdict is None:  # deleted by someone between the two statements
@@ -711,7 +729,7 @@ class Store:
         learned: dict[VersionKey, str] = {}
         fresh: set[VersionKey] = set()
         if uncached:
-            with _encoding():
+            with _encoding(), self._sql("INSERT_VERSIONS"):
                 rows = await conn.fetch(
                     SQL.INSERT_VERSIONS, *([m[j] for m in uncached] for j in range(9))
                 )
@@ -720,9 +738,11 @@ class Store:
             fresh = set(learned)
             existing = [m for m in uncached if m[:4] not in fresh]
             if existing:
-                for vid, org, ws, tpl, pvk in await conn.fetch(
-                    SQL.VERSION_IDS, *([m[j] for m in existing] for j in range(4))
-                ):
+                with self._sql("VERSION_IDS"):
+                    known = await conn.fetch(
+                        SQL.VERSION_IDS, *([m[j] for m in existing] for j in range(4))
+                    )
+                for vid, org, ws, tpl, pvk in known:
                     learned[(org, ws, tpl, pvk)] = vid
             ids.update(learned)
             if len(ids) < len(merged):  # a row deleted between the two statements
@@ -732,7 +752,7 @@ class Store:
         merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
         if merge:
             args = ([ids[m[:4]] for m in merge], *([m[j] for m in merge] for j in range(4, 9)))
-            with _encoding():
+            with _encoding(), self._sql("MERGE_VERSIONS"):
                 await conn.execute(SQL.MERGE_VERSIONS, *args)
         return inserted, learned
 
@@ -750,9 +770,10 @@ class Store:
         texts = [e.columns for e in rows]
         if fast and None not in texts:
             records = _copy_records(rows, cast(list[JsonColumns], texts), ids)
-            await conn.copy_records_to_table(
-                "prompt_results", records=records, columns=RESULT_COLUMNS
-            )
+            with self._sql("COPY_RESULTS"):
+                await conn.copy_records_to_table(
+                    "prompt_results", records=records, columns=RESULT_COLUMNS
+                )
             return None
         keys = list(ids)
         position = {key: k for k, key in enumerate(keys, start=1)}
@@ -770,9 +791,32 @@ class Store:
             b"".join([e.body for e in rows]),
         )
         if fast:
-            await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
+            with self._sql("INSERT_RESULTS_FAST"):
+                await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
             return None
-        return {r[0] for r in await conn.fetch(SQL.INSERT_RESULTS, *args)}
+        with self._sql("INSERT_RESULTS"):
+            inserted = await conn.fetch(SQL.INSERT_RESULTS, *args)
+        return {r[0] for r in inserted}
+
+    def _sql(self, name: str) -> AbstractContextManager[object]:
+        """The span of one named statement (:class:`SQL`), when tracing."""
+        if self.tracer is None:
+            return nullcontext()
+        return tracing.span(
+            self.tracer,
+            tracing.SQL_PREFIX + name,
+            {"db.system.name": "postgresql", "db.query.summary": name},
+        )
+
+    def _traced(self, name: str, mode: str) -> AbstractContextManager[object]:
+        """The span of one attempt at the batch's transaction (BEGIN to COMMIT)."""
+        if self.tracer is None:
+            return nullcontext()
+        return tracing.span(
+            self.tracer,
+            tracing.SQL_PREFIX + name,
+            {"db.system.name": "postgresql", "prompter.mode": mode},
+        )
 
     def _remember(self, learned: dict[VersionKey, str]) -> None:
         if len(self._versions) + len(learned) > self._cache_size:
@@ -788,7 +832,8 @@ class Store:
         tenants = self._tenants
         unknown = {e.template_id for e in events if e.template_id not in tenants}
         if unknown:
-            rows = await conn.fetch(SQL.TEMPLATE_TENANTS, list(unknown))
+            with self._sql("TEMPLATE_TENANTS"):
+                rows = await conn.fetch(SQL.TEMPLATE_TENANTS, list(unknown))
             if len(tenants) + len(rows) > self._cache_size:
                 tenants.clear()
             for template_id, org_id, workspace_id in rows:
