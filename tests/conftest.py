@@ -24,7 +24,7 @@ import pytest
 
 if TYPE_CHECKING:
     from worker.config import Settings
-    from worker.store import Store
+    from worker.store.ingest import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -85,7 +85,7 @@ def with_user(url: str, user: str, password: str) -> str:
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:
     """A database migrated to head once per session; tests get copies of it."""
-    from worker import migrations
+    from worker.store import migrations
 
     name = unique_name("prompter_test_tpl")
     url = create_database(name)
@@ -160,7 +160,7 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
     """The worker's own pool (orjson codecs) on this test's database."""
-    from worker.store import create_pool
+    from worker.store.ingest import create_pool
 
     p = await create_pool(database, max_size=4)
     try:
@@ -171,7 +171,7 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def store(pool: asyncpg.Pool) -> Store:
-    from worker.store import Store
+    from worker.store.ingest import Store
 
     return Store(pool)
 

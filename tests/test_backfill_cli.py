@@ -18,10 +18,12 @@ import pytest
 
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, drain, queue_depth, running, wait_until
-from worker import cli, demo, publisher, replay
-from worker.checkpoint import Checkpoint
+from worker import cli, publisher
+from worker.backfill import replay
+from worker.backfill.checkpoint import Checkpoint
+from worker.commands import demo
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,14 +19,15 @@ import pytest
 from tests.conftest import own_database
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
 from tests.helpers import close_connections_named, count, drain, queue_depth, running, wait_until
-from worker import broker, replay
-from worker.checkpoint import Checkpoint
+from worker.amqp import broker
+from worker.backfill import replay
+from worker.backfill.checkpoint import Checkpoint
+from worker.backfill.reports import render
 from worker.config import Settings
-from worker.consumer import Worker
 from worker.errors import ConfigError, InputError
+from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.reports import render
-from worker.store import Store, create_pool
+from worker.store.ingest import Store, create_pool
 
 
 def write_jsonl(path: Path, lines: list[bytes], *, compress: bool = False) -> Path:

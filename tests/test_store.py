@@ -29,7 +29,6 @@ from tests.factories import (
     spaced,
 )
 from tests.helpers import run_cli
-from worker import store as store_module
 from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
@@ -39,7 +38,8 @@ from worker.errors import (
     TransientError,
 )
 from worker.events import Event, decode, exact_columns
-from worker.store import Outcome, Store
+from worker.store import ingest as store_module
+from worker.store.ingest import Outcome, Store
 
 
 def at(seconds: float) -> datetime:

@@ -18,7 +18,7 @@ from tests.factories import encode, event_doc, make_tenant
 from tests.helpers import close_connections_named, count, publish, running, sample, wait_until
 from worker import logs
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 from worker.metrics import Metrics, summary_text
 
 MARKER = "PAYLOAD-MARKER-7f3a"  # in every body published: must never reach a log line

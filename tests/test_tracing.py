@@ -28,12 +28,12 @@ from tests.conftest import ROOT
 from tests.factories import encode, event_doc, make_tenant
 from tests.helpers import count, publish, running, wait_until
 from worker import tracing
+from worker.amqp.frames import ByteArray, RawProperties, encode_entries
 from worker.config import Settings
-from worker.consumer import Worker
 from worker.errors import ConfigError
-from worker.frames import ByteArray, RawProperties, encode_entries
+from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.store import Store
+from worker.store.ingest import Store
 
 GOOD = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -119,7 +119,10 @@ def test_with_tracing_off_opentelemetry_is_never_imported() -> None:
     build their objects without importing OpenTelemetry when no OTEL_* asks for it."""
     done = _python(
         "import sys\n"
-        "from worker import cli, consumer, publisher, replay, store, tracing\n"
+        "from worker import cli, publisher, tracing\n"
+        "from worker.backfill import replay\n"
+        "from worker.ingest import worker as consumer\n"
+        "from worker.store import ingest as store\n"
         "from worker.config import Settings\n"
         "assert tracing.setup() is None and tracing.current() is None\n"
         "w = consumer.Worker(Settings.from_env({}))\n"
@@ -358,7 +361,7 @@ async def test_replay_direct_traces_its_batches(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     """``replay --direct``: one span per batch with its counts, the store's under it."""
-    from worker import replay
+    from worker.backfill import replay
 
     provider, exporter = spans
     t = await make_tenant(conn)

@@ -115,7 +115,7 @@ def migrate(
 
     Exits 2 with one line if it cannot (the traceback with --log-level debug).
     """
-    from worker import migrations
+    from worker.store import migrations
 
     def note(line: str) -> None:
         click.echo(line, err=True)
@@ -154,7 +154,7 @@ RUN_SETTINGS = tuple(f.name for f in Settings.fields())
 @settings_options(*RUN_SETTINGS)
 def run(settings: Settings) -> None:
     """Consume prompt run events and store them (the worker). Stops gracefully on SIGTERM."""
-    from worker.consumer import run as run_worker
+    from worker.ingest.worker import run as run_worker
 
     sys.exit(run_worker(settings))
 
@@ -177,7 +177,7 @@ def status(settings: Settings, as_json: bool) -> None:
     """
     import orjson
 
-    from worker import status as st
+    from worker.commands import status as st
 
     report = run_async(st.collect(settings))
     if as_json:
@@ -188,7 +188,7 @@ def status(settings: Settings, as_json: bool) -> None:
         sys.exit(1)
 
 
-# Repeated from worker.trace, imported only when the command runs (--help stays fast);
+# Repeated from worker.commands.trace, imported only when the command runs (--help stays fast);
 # tests/test_trace.py checks that they agree.
 DEFAULT_TRACE_DEAD_LETTERS = 10_000
 
@@ -224,7 +224,7 @@ def trace(settings: Settings, event_id: str, as_json: bool, dead_letter_limit: i
     """
     import orjson
 
-    from worker import trace as tr
+    from worker.commands import trace as tr
 
     _check_uuid(event_id, "EVENT_ID")
     result = run_async(tr.trace(settings, event_id, dead_letter_limit=dead_letter_limit))
@@ -252,9 +252,10 @@ def templates_add(settings: Settings, file: Any) -> None:
     template instead of a copy.
     """
 
-    from worker import schema, store
     from worker import templates as tpl
     from worker.errors import Rejection
+    from worker.store import ingest as store
+    from worker.store import schema
 
     try:
         spec = tpl.load_spec(file.read())  # numbers read exactly, for the canonical form
@@ -292,8 +293,9 @@ def templates_list(
 
     import orjson
 
-    from worker import schema, store
     from worker import templates as tpl
+    from worker.store import ingest as store
+    from worker.store import schema
 
     for value, name in ((org_id, "--org"), (workspace_id, "--workspace")):
         if value is not None:
@@ -328,8 +330,9 @@ def templates_list(
 @settings_options("database_url", "log_level", "log_format")
 def templates_delete(settings: Settings, template_id: str) -> None:
     """Soft-delete a template. Its history stays, and late results are still accepted."""
-    from worker import schema, store
     from worker import templates as tpl
+    from worker.store import ingest as store
+    from worker.store import schema
 
     _check_uuid(template_id, "TEMPLATE_ID")
 
@@ -381,7 +384,7 @@ def _finish(report: Any, *, as_json: bool) -> None:
     """Print a publish/replay report; exit 0 if all settled, 130 if interrupted, else 1."""
     import orjson
 
-    from worker import reports
+    from worker.backfill import reports
 
     if as_json:
         click.echo(orjson.dumps(report.as_dict()).decode())
@@ -416,7 +419,8 @@ def publish(
     their line number and reason and never sent. Exits 1 if any line was invalid or any
     event was not confirmed by the broker.
     """
-    from worker import broker, replay
+    from worker.amqp import broker
+    from worker.backfill import replay
 
     report = run_async(
         replay.run_broker(
@@ -513,8 +517,8 @@ def replay(
     --checkpoint, the same command continues where the confirmed part ended. Exits 1 if any
     line was invalid or not confirmed, 130 if interrupted.
     """
-    from worker import broker
-    from worker import replay as rp
+    from worker.amqp import broker
+    from worker.backfill import replay as rp
 
     progress = sys.stderr.isatty()
     if direct:
@@ -575,7 +579,7 @@ def dead_letters_list(settings: Settings, limit: int, as_json: bool) -> None:
     """
     import orjson
 
-    from worker import deadletters
+    from worker.commands import deadletters
 
     listing = run_async(deadletters.list_dead_letters(settings, limit=limit))
     if as_json:
@@ -587,7 +591,7 @@ def dead_letters_list(settings: Settings, limit: int, as_json: bool) -> None:
 def _selection(
     reasons: tuple[str, ...], event_ids: tuple[str, ...], keys: tuple[str, ...], limit: int | None
 ) -> Any:
-    from worker import deadletters
+    from worker.commands import deadletters
 
     for value in event_ids:
         _check_uuid(value, "--event-id")
@@ -625,7 +629,7 @@ def _finish_scan(report: Any, *, as_json: bool) -> None:
     selected could not be handled."""
     import orjson
 
-    from worker import deadletters
+    from worker.commands import deadletters
 
     if as_json:
         click.echo(orjson.dumps(report.as_dict()).decode())
@@ -663,7 +667,7 @@ def dead_letters_redrive(
     stops after the re-publishes in flight and says what was moved (exit 130). Exits 1 if
     any selected message could not be redriven.
     """
-    from worker import deadletters
+    from worker.commands import deadletters
 
     if not (reasons or event_ids or keys or limit or everything):
         raise click.UsageError(
@@ -691,8 +695,8 @@ def dead_letters_purge(
 ) -> None:
     """Delete every message of the dead-letter queue, or only the selected ones (needs
     --yes either way)."""
-    from worker import deadletters
-    from worker.reports import plural
+    from worker.backfill.reports import plural
+    from worker.commands import deadletters
 
     selected = bool(reasons or event_ids or keys or limit)
     if not yes:
@@ -730,7 +734,7 @@ def dead_letters_purge(
 def demo(settings: Settings, count: int, org_id: str, workspace_id: str) -> None:
     """Register a sample template and publish realistic sample events (chat request, model
     response, usage) over the live routing key: data flowing end to end."""
-    from worker import demo as dm
+    from worker.commands import demo as dm
 
     _check_uuid(org_id, "--org")
     _check_uuid(workspace_id, "--workspace")

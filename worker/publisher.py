@@ -50,7 +50,7 @@ call raises the same way and nothing reconnects.
 the end of the results table's primary-key index instead of all over it. The contract
 accepts any UUID.
 
-The topology (:class:`worker.broker.Topology`) is declared on connect, idempotently, so
+The topology (:class:`worker.amqp.broker.Topology`) is declared on connect, idempotently, so
 publishers and workers may start in any order; with ``declare=False`` it is only checked.
 
 **Pipelining.** :meth:`Publisher.publish_many` (and the lower-level :meth:`Publisher.send`)
@@ -58,8 +58,8 @@ keep up to ``window`` messages awaiting their confirm instead of one round trip 
 message; ``bench/publish.py`` measures both and chose :data:`DEFAULT_WINDOW`.
 
 **Why aiormq and not aio-pika.** The worker already speaks aiormq directly, and this module
-reuses its pieces unchanged: :func:`worker.broker.connect` (cluster URL lists, masked
-passwords) and :func:`worker.broker.open_topology` both work on aiormq connections. aiormq
+reuses its pieces unchanged: :func:`worker.amqp.broker.connect` (cluster URL lists, masked
+passwords) and :func:`worker.amqp.broker.open_topology` both work on aiormq connections. aiormq
 also gives the confirm of each publish as a future, which is all a window of outstanding
 confirms needs, with no per-message ``Message`` object or robust-connection machinery on the
 hot path: the publisher's CPU per message is what bounds its rate on a small machine. One
@@ -89,7 +89,8 @@ import orjson
 import uuid_utils
 from pamqp import commands as spec
 
-from worker import broker, events, logs, tracing
+from worker import events, logs, tracing
+from worker.amqp import broker
 from worker.config import Settings
 from worker.errors import (
     BrokerUnavailable,

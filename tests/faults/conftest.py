@@ -104,7 +104,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
 async def _template_database(
     pg: PrivatePostgres, role: tuple[str, str], templates: list[Template]
 ) -> None:
-    from worker import migrations
+    from worker.store import migrations
 
     await pg.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
     url = pg.url(TEMPLATE_DATABASE)

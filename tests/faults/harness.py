@@ -40,7 +40,7 @@ from pamqp import commands as spec
 from bench.data import Template, make_events
 from tests.faults.servers import PrivatePostgres, PrivateRabbit, free_port
 from tests.helpers import drain
-from worker import broker
+from worker.amqp import broker
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

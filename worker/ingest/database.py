@@ -3,7 +3,7 @@
 Readiness (``database_ok``) follows every batch and, while idle, a probe; the first
 failure and the recovery are logged once each (:class:`~worker.retry.Retrying`); and the
 session is told (``on_change``) so that the worker stops taking deliveries while the
-database is down (:meth:`worker.session.Session.allow`).
+database is down (:meth:`worker.ingest.session.Session.allow`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Final
 
 import asyncpg
 
-from worker import store
 from worker.errors import TransientError
 from worker.metrics import Health, Metrics
 from worker.retry import Retrying
+from worker.store import ingest as store
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 ::
 
     node (first of AMQP_URL that answers) ── aiormq: declare the topology, then close
-      ├─ consumer connection (worker.amqp): channel 1 live queue, channel 2 replay queue,
+      ├─ consumer connection (worker.amqp.protocol): channel 1 live queue, channel 2 replay queue,
       │    deliveries ─► Dispatcher; acks and rejects go back on the channel they came on
-      └─ publishing connection (worker.amqp): channel 1 in confirm mode, dead-letter copies
+      └─ publishing connection (worker.amqp.protocol): channel 1 in confirm mode, dead-letter copies
 
 Consuming and publishing use separate connections, as RabbitMQ recommends: a broker
 under a resource alarm blocks the connections that publish, and a blocked consumer
@@ -36,11 +36,12 @@ import itertools
 import logging
 from typing import Any, Final
 
-from worker import amqp, broker
-from worker.acks import Source
-from worker.batching import Dispatcher
+from worker.amqp import broker
+from worker.amqp import protocol as amqp
 from worker.config import Settings, mask_url
 from worker.errors import BrokerUnavailable, ConfigError
+from worker.ingest.acks import Source
+from worker.ingest.batching import Dispatcher
 from worker.metrics import Health, Metrics
 from worker.retry import Backoff, Retrying
 

@@ -42,7 +42,7 @@ import asyncpg
 
 from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import ConfigError, SchemaError
-from worker.store import classify
+from worker.store.ingest import classify
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@
 
 Both paths keep the original ``occurred_at``: history lands at its own time.
 
-**Checkpoints** (``--checkpoint PATH``, :mod:`worker.checkpoint`) make a run resumable:
+**Checkpoints** (``--checkpoint PATH``, :mod:`worker.backfill.checkpoint`) make a run resumable:
 only settled lines count, and the checkpoint is saved about once a second, when a file is
 finished, and when the run stops for any reason. What a run did is a
-:class:`~worker.reports.Report` (:mod:`worker.reports`).
+:class:`~worker.backfill.reports.Report` (:mod:`worker.backfill.reports`).
 
 **Pacing** (``rate``) follows a schedule (GCRA, a token bucket's twin), not a sleep after
 each event: the long-run rate is exact whatever the sleeps' jitter, and bursts are bounded.
@@ -38,8 +38,11 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import asyncpg
 from tqdm import tqdm
 
-from worker import broker, jsonl, schema, tracing
-from worker.checkpoint import Checkpoint, Watermark
+from worker import tracing
+from worker.amqp import broker
+from worker.backfill import jsonl
+from worker.backfill.checkpoint import Checkpoint, Watermark
+from worker.backfill.reports import FileReport, Invalid, Rejects, Report
 from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
@@ -50,9 +53,9 @@ from worker.errors import (
 )
 from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
-from worker.reports import FileReport, Invalid, Rejects, Report
 from worker.signals import handle_signals
-from worker.store import Outcome, Store, backoff, create_pool, unreachable
+from worker.store import schema
+from worker.store.ingest import Outcome, Store, backoff, create_pool, unreachable
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -3,10 +3,10 @@ at least once, acked after commit.
 
 ::
 
-    Session (worker.session) ── consumer connection ──► Dispatcher (worker.batching)
+    Session (worker.ingest.session) ── consumer connection ──► Dispatcher (worker.ingest.batching)
         │ publishing connection                           │ next_batch(): size, bytes, wait
         ▼                                                 ▼
-    dead-letter copies ◄── Pipeline (worker.pipeline): intake, decode, Store.ingest,
+    dead-letter copies ◄── Pipeline (worker.ingest.pipeline): intake, decode, Store.ingest,
                            dead-letter, settle (ack / reject / leave) ── one per pooled
                            connection, so the next batch is decoded while one commits
 
@@ -34,18 +34,21 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from worker import __version__, broker, schema, store, tracing
-from worker.batching import Dispatcher
+from worker import __version__, tracing
+from worker.amqp import broker
 from worker.config import Settings, mask_url
-from worker.database import DatabaseHealth
-from worker.deadletter import DeadLetters
 from worker.errors import ConfigError, SchemaError, TransientError
+from worker.ingest.batching import Dispatcher
+from worker.ingest.database import DatabaseHealth
+from worker.ingest.deadletter import DeadLetters
+from worker.ingest.pipeline import Pipeline
+from worker.ingest.session import Session
 from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
-from worker.pipeline import Pipeline
 from worker.retry import Backoff
-from worker.session import Session
 from worker.signals import handle_signals
-from worker.store import Store
+from worker.store import ingest as store
+from worker.store import schema
+from worker.store.ingest import Store
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer

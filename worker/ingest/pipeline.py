@@ -12,13 +12,13 @@
                ─► decode + validate (worker.events)     ─► the contract's reasons
                ─► Store.ingest, one transaction          ─► unknown_template, ...
                     (retried while the database fails; consumers held meanwhile)
-               ─► dead-letter copies, confirmed (worker.deadletter)
+               ─► dead-letter copies, confirmed (worker.ingest.deadletter)
                ─► settle: ack what is committed or dead-lettered, reject what is refused
                   unread, leave the rest unacked (its channel closed: the broker
                   redelivers it)
 
 Every delivery of a batch ends in exactly one of those three. The delivery limit is
-counted by the worker itself, from the broker's counters (``worker.amqp.Delivery``):
+counted by the worker itself, from the broker's counters (``worker.amqp.protocol.Delivery``):
 RabbitMQ before 4.3 counts every return in ``x-delivery-count`` and dead-letters a message
 returned more than the queue's ``x-delivery-limit`` times; 4.3 and later count only
 explicit failures there and every acquisition in ``x-acquired-count``, so a message that
@@ -35,19 +35,20 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from worker import events, store, tracing
-from worker.acks import Source
-from worker.amqp import AMQPError, Delivery
-from worker.batching import Dispatcher, Held
+from worker import events, tracing
+from worker.amqp.frames import Malformed
+from worker.amqp.protocol import AMQPError, Delivery
 from worker.config import Settings
-from worker.database import DatabaseHealth
-from worker.deadletter import DeadLetters
 from worker.errors import Rejection, TransientError
 from worker.events import Event
-from worker.frames import Malformed
+from worker.ingest.acks import Source
+from worker.ingest.batching import Dispatcher, Held
+from worker.ingest.database import DatabaseHealth
+from worker.ingest.deadletter import DeadLetters
+from worker.ingest.session import Session
 from worker.metrics import Metrics
 from worker.retry import Backoff
-from worker.session import Session
+from worker.store import ingest as store
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
