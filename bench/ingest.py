@@ -31,7 +31,7 @@ import orjson
 from bench.data import make_events, make_templates, register_templates
 from bench.harness import Series, interleaved, scratch_database, truncate
 from worker.events import Event, decode
-from worker.store import ingest as store_module
+from worker.store import pool as pool_module
 from worker.store.ingest import RESULT_COLUMNS, Store
 
 COPY_PREBUILT = "copy (rows prebuilt)"
@@ -178,7 +178,7 @@ async def run(n_events: int, reps: int, batch: int = 1000) -> dict[str, Series]:
 
         async def store_run(kind: type[Store], decoded: list[Event]) -> float:
             await truncate(url)
-            pool = await store_module.create_pool(url, max_size=1)
+            pool = await pool_module.create_pool(url, max_size=1)
             try:
                 store = kind(pool)
                 start = time.perf_counter()

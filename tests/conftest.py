@@ -160,7 +160,7 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
     """The worker's own pool (orjson codecs) on this test's database."""
-    from worker.store.ingest import create_pool
+    from worker.store.pool import create_pool
 
     p = await create_pool(database, max_size=4)
     try:

@@ -27,7 +27,8 @@ from worker.config import Settings
 from worker.errors import ConfigError, InputError
 from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.store.ingest import Store, create_pool
+from worker.store.ingest import Store
+from worker.store.pool import create_pool
 
 
 def write_jsonl(path: Path, lines: list[bytes], *, compress: bool = False) -> Path:

@@ -127,7 +127,8 @@ async def test_runtime_role_ingests_and_is_refused_everything_else(
     """Logged in as the runtime role, the store ingests a batch; DELETE, TRUNCATE, DDL,
     writing templates, updating results or a version's key, tenant or template, and
     reading columns ingestion does not read are refused by PostgreSQL."""
-    from worker.store.ingest import Store, create_pool
+    from worker.store.ingest import Store
+    from worker.store.pool import create_pool
 
     t = await make_tenant(conn)
     url = with_user(database, *runtime_role)

@@ -39,7 +39,8 @@ from worker import templates
 from worker.errors import DatabaseConflict, Rejection
 from worker.events import Event, decode
 from worker.store import migrations
-from worker.store.ingest import Outcome, Store, create_pool
+from worker.store.ingest import Outcome, Store
+from worker.store.pool import create_pool
 
 #: How each database is created (from template0, then migrated to head).
 COLLATIONS = {

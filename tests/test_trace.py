@@ -436,7 +436,7 @@ async def test_the_commit_time_is_the_batch_s_when_tracked(tracking_postgres: st
     """With track_commit_timestamp on, the answer gives the commit time of the transaction
     that stored the event: the same for every event of one batch, after they occurred, and
     within the call that stored them."""
-    from worker.store.ingest import create_pool
+    from worker.store.pool import create_pool
 
     conn = await asyncpg.connect(tracking_postgres)
     pool = await create_pool(tracking_postgres, max_size=2)

@@ -254,8 +254,7 @@ def templates_add(settings: Settings, file: Any) -> None:
 
     from worker import templates as tpl
     from worker.errors import Rejection
-    from worker.store import ingest as store
-    from worker.store import schema
+    from worker.store import pool, schema
 
     try:
         spec = tpl.load_spec(file.read())  # numbers read exactly, for the canonical form
@@ -263,7 +262,7 @@ def templates_add(settings: Settings, file: Any) -> None:
         raise click.ClickException(f"{file.name}: {exc.detail}") from None
 
     async def go() -> tuple[str, bool]:
-        async with store.connect(settings) as conn:
+        async with pool.connect(settings) as conn:
             await schema.require(conn, database_url=settings.database_url)
             return await tpl.register(conn, spec)
 
@@ -294,15 +293,14 @@ def templates_list(
     import orjson
 
     from worker import templates as tpl
-    from worker.store import ingest as store
-    from worker.store import schema
+    from worker.store import pool, schema
 
     for value, name in ((org_id, "--org"), (workspace_id, "--workspace")):
         if value is not None:
             _check_uuid(value, name)
 
     async def go() -> list[tpl.TemplateRow]:
-        async with store.connect(settings) as conn:
+        async with pool.connect(settings) as conn:
             await schema.require(conn, database_url=settings.database_url)
             return await tpl.list_templates(
                 conn,
@@ -331,13 +329,12 @@ def templates_list(
 def templates_delete(settings: Settings, template_id: str) -> None:
     """Soft-delete a template. Its history stays, and late results are still accepted."""
     from worker import templates as tpl
-    from worker.store import ingest as store
-    from worker.store import schema
+    from worker.store import pool, schema
 
     _check_uuid(template_id, "TEMPLATE_ID")
 
     async def go() -> bool:
-        async with store.connect(settings) as conn:
+        async with pool.connect(settings) as conn:
             await schema.require(conn, database_url=settings.database_url)
             return await tpl.soft_delete(conn, template_id)
 

@@ -53,9 +53,11 @@ from worker.errors import (
 )
 from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
+from worker.retry import backoff
 from worker.signals import handle_signals
 from worker.store import schema
-from worker.store.ingest import Outcome, Store, backoff, create_pool, unreachable
+from worker.store.ingest import Outcome, Store
+from worker.store.pool import create_pool, unreachable
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span

@@ -21,7 +21,7 @@ from worker.amqp import broker
 from worker.config import Settings, asyncpg_dsn, mask_url
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
 from worker.store import schema
-from worker.store.ingest import classify
+from worker.store.classify import classify
 from worker.store.schema import SchemaState
 
 EXACT_COUNT_BELOW: Final = 1_000_000

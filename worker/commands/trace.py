@@ -43,7 +43,8 @@ from worker.commands.deadletters import DeadLetter
 from worker.commands.status import QueueStatus, queue_status
 from worker.config import Settings, mask_url
 from worker.errors import ConfigError, WorkerError
-from worker.store import ingest as store
+from worker.store import pool
+from worker.store.classify import classify
 
 DEFAULT_DEAD_LETTER_LIMIT: Final = 10_000
 QUERY_TIMEOUT_SECONDS: Final = 10
@@ -244,11 +245,11 @@ def _text(value: Any) -> str | None:
 
 
 async def _database(settings: Settings, event_id: str) -> StoredEvent | None:
-    async with store.connect(settings) as conn:
+    async with pool.connect(settings) as conn:
         try:
             return await find_stored(conn, event_id)
         except (asyncpg.PostgresError, OSError) as exc:
-            raise store.classify(exc) from None
+            raise classify(exc) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,7 @@ import asyncpg
 from worker.errors import TransientError
 from worker.metrics import Health, Metrics
 from worker.retry import Retrying
-from worker.store import ingest as store
+from worker.store.classify import classify
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,6 @@ class DatabaseHealth:
                 async with asyncio.timeout(PROBE_SECONDS):
                     await self.pool.fetchval("SELECT 1")
             except Exception as exc:
-                await self.failed(store.classify(exc))
+                await self.failed(classify(exc))
             else:
                 await self.succeeded()

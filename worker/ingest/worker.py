@@ -46,9 +46,9 @@ from worker.ingest.session import Session
 from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
 from worker.retry import Backoff
 from worker.signals import handle_signals
-from worker.store import ingest as store
 from worker.store import schema
 from worker.store.ingest import Store
+from worker.store.pool import create_pool
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -264,7 +264,7 @@ class Worker:
     async def _open_pool(self) -> asyncpg.Pool:
         """The schema checked (a SchemaError stops the worker: exit 2), then the pool."""
         await schema.require_database(self.settings)
-        return await store.create_pool(
+        return await create_pool(
             self.settings.database_url,
             min_size=1,
             max_size=self.settings.db_pool_size + 1,  # one spare for the probe
