@@ -28,8 +28,9 @@ from tests.conftest import with_user
 from tests.factories import Tenant, event, event_doc, make_tenant
 from tests.helpers import run_cli
 from worker import logs
-from worker.config import Settings, mask_url, tls_warnings
+from worker.config import Settings
 from worker.errors import ConfigError
+from worker.security import mask_url, tls_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("prompt_templates", "prompt_versions", "prompt_results")

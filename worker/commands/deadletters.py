@@ -48,9 +48,10 @@ from typing import Any, Final
 from worker.amqp import broker
 from worker.amqp import protocol as amqp
 from worker.amqp.frames import Malformed, decode_table, encode_entries, table_entries
-from worker.config import Settings, mask_url
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.ingest.deadletter import RAW_PROPERTIES_HEADER, WORKER_HEADERS
+from worker.security import mask_url
 from worker.signals import handle_signals
 
 DEFAULT_LIST_LIMIT: Final = 1000

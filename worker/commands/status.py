@@ -18,8 +18,9 @@ import aiormq.exceptions
 import asyncpg
 
 from worker.amqp import broker
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.config import Settings, asyncpg_dsn
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
+from worker.security import mask_url
 from worker.store import schema
 from worker.store.classify import classify
 from worker.store.schema import SchemaState

@@ -41,8 +41,9 @@ from worker.backfill.reports import plural
 from worker.commands import deadletters
 from worker.commands.deadletters import DeadLetter
 from worker.commands.status import QueueStatus, queue_status
-from worker.config import Settings, mask_url
+from worker.config import Settings
 from worker.errors import ConfigError, WorkerError
+from worker.security import mask_url
 from worker.store import pool
 from worker.store.classify import classify
 

@@ -38,12 +38,13 @@ from typing import Any, Final
 
 from worker.amqp import broker
 from worker.amqp import protocol as amqp
-from worker.config import Settings, mask_url
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.ingest.acks import Source
 from worker.ingest.batching import Dispatcher
 from worker.metrics import Health, Metrics
 from worker.retry import Backoff, Retrying
+from worker.security import mask_url
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ import asyncpg
 
 from worker import __version__, tracing
 from worker.amqp import broker
-from worker.config import Settings, mask_url
+from worker.config import Settings
 from worker.errors import ConfigError, SchemaError, TransientError
 from worker.ingest.batching import Dispatcher
 from worker.ingest.database import DatabaseHealth
@@ -45,6 +45,7 @@ from worker.ingest.pipeline import Pipeline
 from worker.ingest.session import Session
 from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
 from worker.retry import Backoff
+from worker.security import mask_url
 from worker.signals import handle_signals
 from worker.store import schema
 from worker.store.ingest import Store

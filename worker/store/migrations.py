@@ -36,8 +36,9 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from worker.config import asyncpg_dsn, mask_url
+from worker.config import asyncpg_dsn
 from worker.errors import ConfigError, SchemaError, WorkerError
+from worker.security import mask_url
 from worker.store import schema
 
 #: Seconds a migration statement waits for a lock before it fails (0: no limit).

@@ -11,8 +11,9 @@ from typing import Any, Final
 import asyncpg
 import orjson
 
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.config import Settings, asyncpg_dsn
 from worker.errors import DatabaseUnavailable
+from worker.security import mask_url
 from worker.store.classify import classify
 
 #: The first byte of jsonb's binary form: its format version.

@@ -40,8 +40,9 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.config import Settings, asyncpg_dsn
 from worker.errors import ConfigError, SchemaError
+from worker.security import mask_url
 from worker.store.classify import classify
 
 log = logging.getLogger(__name__)
