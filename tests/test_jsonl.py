@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.factories import Tenant, encode, event_doc
 from worker.backfill.checkpoint import Checkpoint, Watermark
 from worker.backfill.jsonl import FileIdentity, Reader
-from worker.backfill.replay import Pacer, Progress
+from worker.backfill.pacing import Pacer, Progress
 from worker.errors import InputError, Rejection
 from worker.events import Event
 
