@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import click
+
 from worker.errors import ConfigError
 from worker.security import check_amqp_url, check_database_url, mask_url, tls_warnings
 
@@ -31,49 +33,35 @@ SECRET_VARIABLES = ("DATABASE_URL", "AMQP_URL")
 Parser = Callable[[str], Any]
 
 
-def _int_range(low: int, high: int) -> Parser:
-    def parse(raw: str) -> int:
+def _typed(*kinds: click.ParamType[Any]) -> Parser:
+    """A parser from click's types (the flags' own), applied in turn: their conversions,
+    and their message when a value is refused."""
+
+    def parse(raw: str) -> Any:
+        value: Any = raw.strip()
         try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError(f"must be a whole number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low} and {high}, got {value}")
+            for kind in kinds:
+                value = kind.convert(value, None, None)
+        except click.BadParameter as exc:
+            raise ValueError(exc.message) from None
         return value
 
     return parse
+
+
+def _int_range(low: int, high: int) -> Parser:
+    return _typed(click.INT, click.IntRange(low, high))
 
 
 def _float_range(low: float, high: float) -> Parser:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError(f"must be a number, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"must be between {low:g} and {high:g}, got {value:g}")
-        return value
-
-    return parse
+    return _typed(click.FLOAT, click.FloatRange(low, high))
 
 
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"must be true or false, got {raw!r}")
+_bool: Final = _typed(click.BOOL)
 
 
 def _choice(*choices: str) -> Parser:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
-        return value
-
-    return parse
+    return _typed(click.Choice(choices, case_sensitive=False))
 
 
 def _name(raw: str) -> str:
