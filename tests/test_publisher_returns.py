@@ -23,8 +23,9 @@ from tests.factories import Tenant, event_doc
 from tests.helpers import drain
 from worker import logs
 from worker.amqp import broker
+from worker.amqp.confirms import publish_confirmed
 from worker.errors import UnroutableError
-from worker.publisher import Publisher, publish_confirmed
+from worker.publisher import Publisher
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
 BOUND = "bound.key"
