@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 
 import asyncpg
@@ -99,7 +100,10 @@ async def run(args: argparse.Namespace) -> Results:
             results.large_rss["1 MiB"] = await e2e.peak_rss(url, big, args.mib_backlog)
     if "growth" in parts:
         print(f"ingest as the table grows to {args.growth_rows:,} rows, v4 vs v7", flush=True)
-        results.growth_run = await growth.run(args.growth_rows, args.growth_slice)
+        deadline = time.monotonic() + args.growth_minutes * 60 if args.growth_minutes else None
+        results.growth_run = await growth.run(
+            args.growth_rows, args.growth_slice, deadline=deadline
+        )
     if "toast" in parts:
         print("TOAST compression: pglz vs lz4 on the size mix", flush=True)
         results.toast_run = await toast.run(args.toast_events, args.reps)
@@ -137,6 +141,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--growth-slice", type=int, default=500_000, help="rows per measured growth slice"
+    )
+    parser.add_argument(
+        "--growth-minutes",
+        type=float,
+        default=0,
+        help="stop growing after the slice that ends past this many minutes (0: never)",
     )
     parser.add_argument(
         "--toast-events", type=int, default=20_000, help="events of the mix for the TOAST part"

@@ -267,9 +267,9 @@ def plot_growth(g: growth.Growth, path: Path) -> None:
     """Ingest rate per slice against the rows in the table, one line per id kind."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for kind, rates in g.rates.items():
-        ax.plot([x / 1e6 for x in g.rows(kind)], rates, marker="o", label=f"{kind} ids")
-    if g.rates.get("v7"):
-        ax.axhline(0.9 * g.rates["v7"][0], color="red", linestyle="--", label="0.9x v7 empty")
+        name = f"{kind} ids" if kind != growth.EMPTY else "empty table (v7), same moment"
+        style = "--" if kind == growth.EMPTY else "-"
+        ax.plot([x / 1e6 for x in g.rows(kind)], rates, style, marker="o", label=name)
     ax.set_xlabel("rows in prompt_results at the end of the slice (millions)")
     ax.set_ylabel(f"events/s over the slice of {g.slice_rows:,}")
     ax.set_ylim(bottom=0)
