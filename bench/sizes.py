@@ -16,6 +16,7 @@ MB/s counts event bodies (10^6 bytes). Each data set holds about ``megabytes`` o
 
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class SizeRun:
             "mean_bytes": self.mean_bytes,
             "events_per_second": {k: v.as_dict() for k, v in self.rates.items()},
             "mb_per_second": {k: self.mbps(k) for k in self.rates},
+            "worker_over_copy_per_rep": paired(self, COPY),
+            "worker_over_bare_per_rep": paired(self, BARE),
         }
 
 
@@ -182,6 +185,16 @@ async def run(url: str, sets: dict[str, list[bytes]], reps: int) -> dict[str, Si
     return out
 
 
+def paired(r: SizeRun, other: str) -> list[float]:
+    """The worker's rate over ``other``'s, repetition by repetition."""
+    return [w / o for w, o in zip(r.rates[WORKER].values, r.rates[other].values, strict=True)]
+
+
+def _paired(r: SizeRun, other: str) -> str:
+    ratios = paired(r, other)
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f} - {max(ratios):.2f})"
+
+
 def report(runs: dict[str, SizeRun], plot_name: str | None = None) -> str:
     lines = [
         "Bodies of each data set through each contender, interleaved; medians (min - max "
@@ -199,12 +212,18 @@ def report(runs: dict[str, SizeRun], plot_name: str | None = None) -> str:
             )
     lines += [
         "",
-        "| data set | worker / COPY (MB/s) | worker / bare |",
-        "|---|---|---|",
+        "Ratios of the medians, and of each repetition's runs (back to back, so alike in the "
+        "machine's drift): median (min - max).",
+        "",
+        "| data set | worker / COPY | per repetition | worker / bare | per repetition |",
+        "|---|---|---|---|---|",
     ]
     for r in runs.values():
         copy, bare = r.mbps(COPY), r.mbps(BARE)
-        lines.append(f"| {r.name} | {r.mbps(WORKER) / copy:.2f}x | {r.mbps(WORKER) / bare:.2f}x |")
+        lines.append(
+            f"| {r.name} | {r.mbps(WORKER) / copy:.2f}x | {_paired(r, COPY)} | "
+            f"{r.mbps(WORKER) / bare:.2f}x | {_paired(r, BARE)} |"
+        )
     if MIX in runs:
         ratio = runs[MIX].mbps(WORKER) / runs[MIX].mbps(COPY)
         lines += [
