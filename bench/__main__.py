@@ -92,12 +92,14 @@ async def run(args: argparse.Namespace) -> Results:
             results.size_runs = await sizes.run(url, sets, args.reps)
         if "large-rss" in parts:
             maker = SizedEvents(tpls)
-            mix = maker.make(mix_sizes(min(args.mix_backlog, 20_000)))
-            print(f"peak RSS on a backlog of {args.mix_backlog:,} events of the mix", flush=True)
-            results.large_rss["mix"] = await e2e.peak_rss(url, mix, args.mix_backlog)
-            big = maker.make([2**20] * min(args.mib_backlog, 100))
-            print(f"peak RSS on a backlog of {args.mib_backlog:,} events of 1 MiB", flush=True)
-            results.large_rss["1 MiB"] = await e2e.peak_rss(url, big, args.mib_backlog)
+            if args.mix_backlog:
+                mix = maker.make(mix_sizes(min(args.mix_backlog, 20_000)))
+                print(f"peak RSS on a backlog of {args.mix_backlog:,} of the mix", flush=True)
+                results.large_rss["mix"] = await e2e.peak_rss(url, mix, args.mix_backlog)
+            if args.mib_backlog:
+                big = maker.make([2**20] * min(args.mib_backlog, 100))
+                print(f"peak RSS on a backlog of {args.mib_backlog:,} of 1 MiB", flush=True)
+                results.large_rss["1 MiB"] = await e2e.peak_rss(url, big, args.mib_backlog)
     if "growth" in parts:
         print(f"ingest as the table grows to {args.growth_rows:,} rows, v4 vs v7", flush=True)
         deadline = time.monotonic() + args.growth_minutes * 60 if args.growth_minutes else None
@@ -131,10 +133,10 @@ def main() -> None:
         "--size-mb", type=float, default=256, help="MB of bodies per data set of the sizes part"
     )
     parser.add_argument(
-        "--mix-backlog", type=int, default=100_000, help="events of the mix for peak RSS"
+        "--mix-backlog", type=int, default=100_000, help="events of the mix for peak RSS (0: none)"
     )
     parser.add_argument(
-        "--mib-backlog", type=int, default=3000, help="events of 1 MiB for peak RSS"
+        "--mib-backlog", type=int, default=3000, help="events of 1 MiB for peak RSS (0: none)"
     )
     parser.add_argument(
         "--growth-rows", type=int, default=5_000_000, help="rows the growth part grows to"

@@ -8,7 +8,8 @@ half a chunk of v7 ids into a table emptied before each of its chunks: the empty
 at that moment. Drift of the shared machine (other work on it, checkpoints) hits the three
 alike, so each slice's rates compare with each other, and with the empty table's. Only
 ``Store.ingest`` is timed: each chunk of events is made (the data set's decoded events with
-fresh ids) before its clock starts.
+fresh ids, and ``occurred_at`` one millisecond after the previous event's, as live traffic
+comes in time order) before its clock starts.
 
 A random key lands on any page of the primary-key index; once the index outgrows memory,
 inserts read pages from disk, and after each checkpoint the first change to every page
@@ -24,11 +25,12 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import asyncpg
 import uuid_utils
 
-from bench.data import make_events, make_templates, register_templates
+from bench.data import START, make_events, make_templates, register_templates
 from bench.harness import scratch_database
 from worker import store as store_module
 from worker.events import Event, decode
@@ -43,6 +45,7 @@ KINDS_ORDER = tuple(KINDS)
 #: the growing tables' chunks, so that it sees the same machine at the same moment.
 EMPTY = "empty"
 BATCH = 1000
+MS = timedelta(milliseconds=1)
 CONNECTIONS = 2
 #: Events made ahead of each timed chunk (about 0.25 GB of bodies and texts at 2.3 KB).
 CHUNK = 50_000
@@ -82,10 +85,13 @@ class Growth:
         }
 
 
-def _renamed(template: Event, new_id: str) -> Event:
-    """The same event under another id (the body says so too)."""
-    body = template.body.replace(template.event_id.encode(), new_id.encode(), 1)
-    return template._replace(event_id=new_id, body=body)
+def _renamed(template: Event, new_id: str, at: datetime) -> Event:
+    """The same event under another id, happened ``at`` (the body says so too)."""
+    old_at = template.body[template.body.index(b'"occurred_at":"') + 15 :].split(b'"', 1)[0]
+    body = template.body.replace(template.event_id.encode(), new_id.encode(), 1).replace(
+        old_at, at.isoformat().replace("+00:00", "Z").encode(), 1
+    )
+    return template._replace(event_id=new_id, body=body, occurred_at=at)
 
 
 async def ingest_batches(
@@ -124,8 +130,13 @@ async def run(rows: int, slice_rows: int, *, deadline: float | None = None) -> G
     made = 0
 
     def chunk(n: int, new_id: Callable[[], str]) -> list[list[Event]]:
+        # Events happen in time order, as live traffic does: occurred_at (the results'
+        # created_at, in the (template_id, created_at) index) one millisecond apart.
         nonlocal made
-        events = [_renamed(templates_[(made + i) % len(templates_)], new_id()) for i in range(n)]
+        events = [
+            _renamed(templates_[(made + i) % len(templates_)], new_id(), START + (made + i) * MS)
+            for i in range(n)
+        ]
         made += n
         return [events[i : i + BATCH] for i in range(0, n, BATCH)]
 
