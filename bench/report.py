@@ -264,18 +264,30 @@ def plot_sizes(runs: dict[str, sizes.SizeRun], path: Path) -> None:
 
 
 def plot_growth(g: growth.Growth, path: Path) -> None:
-    """Ingest rate per slice against the rows in the table, one line per id kind."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    """Ingest rate per slice against the rows in the table, one line per id kind (left);
+    each kind's rate over the empty table's measured alongside (right): the machine's
+    drift cancels out of the ratio."""
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.5))
     for kind, rates in g.rates.items():
         name = f"{kind} ids" if kind != growth.EMPTY else "empty table (v7), same moment"
         style = "--" if kind == growth.EMPTY else "-"
         ax.plot([x / 1e6 for x in g.rows(kind)], rates, style, marker="o", label=name)
+        if kind != growth.EMPTY and g.rates.get(growth.EMPTY):
+            ratios = [g.vs_empty(kind, i) for i in range(len(rates))]
+            rx.plot([x / 1e6 for x in g.rows(kind)], ratios, marker="o", label=f"{kind} ids")
     ax.set_xlabel("rows in prompt_results at the end of the slice (millions)")
     ax.set_ylabel(f"events/s over the slice of {g.slice_rows:,}")
     ax.set_ylim(bottom=0)
     ax.set_title("Store.ingest rate as the table grows")
     ax.legend()
     ax.grid(True, alpha=0.3)
+    rx.axhline(0.9, color="red", linestyle="--", label="target for v7: 0.9")
+    rx.set_xlabel("rows in prompt_results at the end of the slice (millions)")
+    rx.set_ylabel("rate / empty table's rate at the same moment")
+    rx.set_ylim(0, 1.4)
+    rx.set_title("Relative to an empty table")
+    rx.legend()
+    rx.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
