@@ -17,7 +17,9 @@ worker's default batches, two connections, 3 interleaved runs, PostgreSQL 15, 2 
 
 lz4 compresses a little less, so the table takes 18% more disk for the same events;
 ingestion of large events more than doubles, reads gain a quarter, and ingestion of large
-events is what bounded the worker's MB/s (issue 14). The trade is taken.
+events is what bounded the worker's MB/s (issue 14): end to end, ``prompter-worker run``
+stored the mix at 25 MB/s on pglz and 87 MB/s on lz4, 1 MiB events at 55 and 115 MB/s
+(``bench/results/2026-12-02-vm-sizes.md`` and ``-sizes-lz4.md``). The trade is taken.
 
 What it does: ``ALTER TABLE prompt_results ALTER COLUMN ... SET COMPRESSION lz4`` on
 ``request``, ``response`` and ``analysis_config``. Only the catalog changes: values stored
