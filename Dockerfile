@@ -8,9 +8,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when the pins change.
-COPY requirements.lock ./
-RUN pip install --no-deps -r requirements.lock
+# Dependencies first: this layer is rebuilt only when the pins change. With
+# --build-arg OTEL=true, also the otel extra (OpenTelemetry traces, README "Tracing"),
+# pinned by constraints.txt; without it, the image has no OpenTelemetry at all.
+ARG OTEL=false
+COPY requirements.lock constraints.txt ./
+RUN pip install --no-deps -r requirements.lock \
+    && if [ "$OTEL" = "true" ]; then pip install -c constraints.txt opentelemetry-api \
+        opentelemetry-sdk opentelemetry-exporter-otlp-proto-http; fi
 
 # Then the project itself (no dependency resolution: everything is already installed).
 COPY pyproject.toml README.md alembic.ini ./

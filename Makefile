@@ -22,7 +22,7 @@ run: $(STAMP)  ## the main job on local servers (DATABASE_URL, AMQP_URL; default
 	$(BIN)/prompter-worker run
 
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup  # two processes; the fault scenarios in one of them
 
 faults: $(STAMP)  ## the whole fault suite, with the slow scenarios `make test` skips
 	PROMPTER_FAULTS_SLOW=1 $(BIN)/pytest -m faults tests/faults

@@ -12,7 +12,7 @@ Each connection waits at most ``lock_timeout`` for a lock (``config.attributes
 ["lock_timeout"]``, else ``PROMPTER_MIGRATION_LOCK_TIMEOUT``, else 10 s) and holds the
 migration advisory lock while it runs, so concurrent migrations run one after the other.
 After each step, the compatibility of the schema with older workers is recorded
-(:func:`worker.migrations.compat_statements`, read by :mod:`worker.schema`).
+(:func:`worker.store.migrations.compat_statements`, read by :mod:`worker.store.schema`).
 
 Offline mode (``alembic upgrade head --sql``) needs no database at all.
 """
@@ -30,9 +30,9 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker import migrations
 from worker.config import asyncpg_dsn, database_url_from_env
-from worker.schema import version_table
+from worker.store import migrations
+from worker.store.schema import version_table
 
 config = context.config
 

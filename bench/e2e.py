@@ -28,7 +28,7 @@ import orjson
 from pamqp import commands as spec
 
 from bench.harness import AMQP_URL, Series, delete_topology, truncate
-from worker import broker
+from worker.amqp import broker
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -32,9 +32,9 @@ import uuid_utils
 
 from bench.data import START, make_events, make_templates, register_templates
 from bench.harness import scratch_database
-from worker import store as store_module
 from worker.events import Event, decode
-from worker.store import Store
+from worker.store import pool as store_module
+from worker.store.ingest import Store
 
 KINDS: dict[str, Callable[[], str]] = {
     "v4": lambda: str(uuid.uuid4()),

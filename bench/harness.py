@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import aiormq
 import asyncpg
 
-from worker import broker, migrations
+from worker.amqp import broker
+from worker.store import migrations
 
 ADMIN_URL = os.environ.get(
     "PROMPTER_BENCH_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

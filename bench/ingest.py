@@ -7,7 +7,7 @@ Five contenders, each writing the same decoded events in batches of ``batch`` (d
   version rows are COPYed first): the database's floor, nothing decided per event;
 - ``copy (rows from events)``: the same COPY, with each batch's rows built from the decoded
   events inside the clock (UUIDs, request/response serialized), as a COPY-based writer must;
-- ``ingest (COPY)``: :meth:`worker.store.Store.ingest` as it runs on compact bodies (what
+- ``ingest (COPY)``: :meth:`worker.store.ingest.Store.ingest` as it runs on compact bodies (what
   orjson writes, like the benchmark's), everything included: tenant check, collapse,
   version upsert, the results COPYed from the JSON texts the decoder kept, the merge;
 - ``ingest (unnest)``: the same events without those texts, as for bodies in any other
@@ -30,9 +30,9 @@ import orjson
 
 from bench.data import make_events, make_templates, register_templates
 from bench.harness import Series, interleaved, scratch_database, truncate
-from worker import store as store_module
 from worker.events import Event, decode
-from worker.store import RESULT_COLUMNS, Store
+from worker.store import pool as pool_module
+from worker.store.ingest import RESULT_COLUMNS, Store
 
 COPY_PREBUILT = "copy (rows prebuilt)"
 COPY_FROM_EVENTS = "copy (rows from events)"
@@ -178,7 +178,7 @@ async def run(n_events: int, reps: int, batch: int = 1000) -> dict[str, Series]:
 
         async def store_run(kind: type[Store], decoded: list[Event]) -> float:
             await truncate(url)
-            pool = await store_module.create_pool(url, max_size=1)
+            pool = await pool_module.create_pool(url, max_size=1)
             try:
                 store = kind(pool)
                 start = time.perf_counter()

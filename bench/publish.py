@@ -31,10 +31,11 @@ import asyncpg
 
 from bench.data import make_events, make_templates, register_templates
 from bench.harness import AMQP_URL, Series, delete_topology, interleaved, scratch_database
-from worker import broker, replay
+from worker.amqp import broker
+from worker.backfill import replay
+from worker.backfill.reports import render
 from worker.config import Settings
 from worker.publisher import DEFAULT_WINDOW, Publisher
-from worker.reports import render
 
 PUBLISH_EVENTS_MAX: Final = 20_000
 AWAITED = "awaited (one confirm at a time)"

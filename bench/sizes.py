@@ -28,10 +28,10 @@ import orjson
 from bench import e2e
 from bench.data import FIXED_SIZES, SizedEvents, Template, mix_sizes
 from bench.harness import Series, truncate
-from worker import store as store_module
 from worker.config import Settings
 from worker.events import Event, decode
-from worker.store import RESULT_COLUMNS
+from worker.store import pool as store_module
+from worker.store.ingest import RESULT_COLUMNS
 
 BARE = "bare aio-pika, ack only"
 WORKER = "prompter-worker run"

@@ -21,10 +21,10 @@ import asyncpg
 from bench.data import SizedEvents, make_templates, mix_sizes, register_templates
 from bench.growth import ingest_batches
 from bench.harness import Series, scratch_database, truncate
-from worker import store as store_module
 from worker.config import Settings
 from worker.events import Event, decode
-from worker.store import Store
+from worker.store import pool as store_module
+from worker.store.ingest import Store
 
 COLUMNS = ("request", "response", "analysis_config")
 METHODS = ("pglz", "lz4")

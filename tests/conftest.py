@@ -24,7 +24,7 @@ import pytest
 
 if TYPE_CHECKING:
     from worker.config import Settings
-    from worker.store import Store
+    from worker.store.ingest import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -85,7 +85,7 @@ def with_user(url: str, user: str, password: str) -> str:
 @pytest.fixture(scope="session")
 def migrated_template() -> Iterator[str]:
     """A database migrated to head once per session; tests get copies of it."""
-    from worker import migrations
+    from worker.store import migrations
 
     name = unique_name("prompter_test_tpl")
     url = create_database(name)
@@ -160,7 +160,7 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
     """The worker's own pool (orjson codecs) on this test's database."""
-    from worker.store import create_pool
+    from worker.store.pool import create_pool
 
     p = await create_pool(database, max_size=4)
     try:
@@ -171,7 +171,7 @@ async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture
 async def store(pool: asyncpg.Pool) -> Store:
-    from worker.store import Store
+    from worker.store.ingest import Store
 
     return Store(pool)
 
@@ -221,3 +221,29 @@ def settings(database: str, topology: dict[str, str], runtime_role: tuple[str, s
         log_format="text",
         **topology,
     )
+
+
+# --- pytest-xdist: `make test` runs the suite in two processes ------------------------------
+#: The fault scenarios' rows, sent by the xdist worker that ran them (tests/faults/conftest.py).
+_FAULT_ROWS: list[tuple[object, ...]] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fault scenarios run one after the other in one process (each starts its own
+    servers and loads the machine); everything else is spread over both."""
+    for item in items:
+        if item.get_closest_marker("faults") or item.get_closest_marker("faults_slow"):
+            item.add_marker(pytest.mark.xdist_group("faults"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    _FAULT_ROWS.extend(getattr(node, "workeroutput", {}).get("fault_results", []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _FAULT_ROWS:
+        from tests.faults import harness
+
+        # One worker ran them all, in order (the "faults" group).
+        harness.print_table(terminalreporter, [harness.Result(*r) for r in _FAULT_ROWS])  # type: ignore[arg-type]

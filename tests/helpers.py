@@ -15,7 +15,7 @@ import asyncpg
 from pamqp import commands as spec
 
 from tests.conftest import AMQP_URL, ROOT
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 
 def run_cli(

@@ -16,7 +16,7 @@ from pamqp import header as amqp_header
 
 from tests.conftest import AMQP_URL
 from tests.helpers import wait_until
-from worker import amqp
+from worker.amqp import protocol as amqp
 
 
 def deliver_frames(

@@ -20,8 +20,8 @@ from pamqp import commands as spec
 from pamqp import frame as amqp_frame
 from pamqp import heartbeat as amqp_heartbeat
 
-from worker import amqp
-from worker.frames import PROPERTIES, Malformed, RawProperties, table_entries
+from worker.amqp import protocol as amqp
+from worker.amqp.frames import PROPERTIES, Malformed, RawProperties, table_entries
 
 FRAME_MAX = 4096
 

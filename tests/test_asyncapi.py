@@ -29,8 +29,11 @@ from referencing.jsonschema import DRAFT7
 
 from tests.conftest import AMQP_URL, ROOT
 from tests.factories import event_doc
-from worker import broker, deadletter, deadletters, events, publisher
+from worker import events, publisher
+from worker.amqp import broker
+from worker.commands import deadletters
 from worker.config import Settings
+from worker.ingest import deadletter
 
 ASYNCAPI_SCHEMA = Path(__file__).resolve().parent / "schemas" / "asyncapi-3.0.0.json"
 DEFAULTS = Settings()
@@ -188,7 +191,7 @@ def test_message_properties_are_what_the_worker_accepts() -> None:
 
 
 def headers_written_by_the_consumer() -> set[str]:
-    """The header names a dead-letter copy always carries (worker.deadletter)."""
+    """The header names a dead-letter copy always carries (worker.ingest.deadletter)."""
     return set(deadletter.WORKER_HEADERS)
 
 

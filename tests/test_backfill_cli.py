@@ -18,10 +18,12 @@ import pytest
 
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, drain, queue_depth, running, wait_until
-from worker import cli, demo, publisher, replay
-from worker.checkpoint import Checkpoint
+from worker import cli, publisher
+from worker.backfill import replay
+from worker.backfill.checkpoint import Checkpoint
+from worker.commands import backfill_cli, demo, options
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,11 +75,11 @@ def unknown_tenant() -> Tenant:
 
 
 def test_cli_defaults_agree_with_their_modules() -> None:
-    """The defaults cli.py repeats (to keep --help fast) are the modules' own."""
-    assert cli.DEFAULT_WINDOW == publisher.DEFAULT_WINDOW
-    assert cli.DEFAULT_BATCH_SIZE == replay.DEFAULT_BATCH_SIZE
-    assert cli.DEFAULT_CONCURRENCY == replay.DEFAULT_CONCURRENCY
-    assert cli.DEFAULT_REJECTS_PATH == replay.DEFAULT_REJECTS_PATH
+    """The defaults the command modules repeat (to keep --help fast) are the modules' own."""
+    assert options.DEFAULT_WINDOW == publisher.DEFAULT_WINDOW
+    assert backfill_cli.DEFAULT_BATCH_SIZE == replay.DEFAULT_BATCH_SIZE
+    assert backfill_cli.DEFAULT_CONCURRENCY == replay.DEFAULT_CONCURRENCY
+    assert backfill_cli.DEFAULT_REJECTS_PATH == replay.DEFAULT_REJECTS_PATH
     assert cli.DEFAULT_DEMO_EVENTS == demo.DEFAULT_EVENTS
     assert (cli.DEMO_ORG_ID, cli.DEMO_WORKSPACE_ID) == (demo.DEMO_ORG_ID, demo.DEMO_WORKSPACE_ID)
 

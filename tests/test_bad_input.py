@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 from worker import logs
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 # A string in every bad body that carries a payload: it must never reach a log line.
 MARKER = "PAYLOAD-MUST-NOT-BE-LOGGED"
@@ -311,7 +311,7 @@ async def test_every_row_of_the_amqp_catalogue(
     dead-lettered with their documented reason and their own property bytes; the worker
     never reconnects and keeps consuming."""
     from tests import rawamqp
-    from worker.frames import RawProperties, decode_table
+    from worker.amqp.frames import RawProperties, decode_table
 
     t = await make_tenant(conn)
     rows = amqp_catalogue()

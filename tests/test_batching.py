@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from worker.acks import Source
-from worker.amqp import Delivery
-from worker.batching import Dispatcher
+from worker.amqp.protocol import Delivery
+from worker.ingest.acks import Source
+from worker.ingest.batching import Dispatcher
 
 
 def delivery(tag: int, *, count: int = 0, channel: int = 1) -> Delivery:

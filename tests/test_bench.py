@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import LARGE_PARTS, PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(420)  # every part of the bench, small: about 2 minutes on a busy machine
 def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     """Every part runs against the local servers and the report, its JSON and its plot are
     written (the numbers of a quick run mean nothing, so none is asserted)."""
@@ -48,6 +51,7 @@ def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.timeout(300)  # the production-sized parts, small: under a minute when quiet
 def test_quick_benchmark_of_large_events_writes_its_report(tmp_path: Path) -> None:
     """The production-sized parts run (sizes with MB/s beside the bare consumer and COPY,
     peak RSS on backlogs of the mix and of 1 MiB events, growth v4 vs v7, pglz vs lz4) and

@@ -15,10 +15,11 @@ from pamqp import commands as spec
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, drain, header, publish, queue_depth, running, wait_until
-from worker import broker, deadletters
+from worker.amqp import broker
+from worker.amqp.frames import RawProperties, table_entries
+from worker.commands import deadletters
 from worker.config import Settings
-from worker.consumer import Worker
-from worker.frames import RawProperties, table_entries
+from worker.ingest.worker import Worker
 
 
 def props(message_id: str) -> spec.Basic.Properties:

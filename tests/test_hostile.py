@@ -23,11 +23,11 @@ from tests import rawamqp
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, queue_depth, running, sample, wait_until
-from worker import broker
-from worker.amqp import Connection, Delivery
+from worker.amqp import broker
+from worker.amqp.frames import RawProperties, table_entries
+from worker.amqp.protocol import Connection, Delivery
 from worker.config import Settings
-from worker.consumer import Worker
-from worker.frames import RawProperties, table_entries
+from worker.ingest.worker import Worker
 
 BINARY_ID = bytes(range(240, 256))  # 16 bytes, not UTF-8: a Go service's raw UUID
 MARKER = "HOSTILE-PAYLOAD-MUST-NOT-BE-LOGGED"

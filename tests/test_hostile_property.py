@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from tests import rawamqp
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, queue_depth, running, wait_until
+from worker.amqp.frames import RawProperties, decode_table
 from worker.config import Settings
-from worker.consumer import Worker
-from worker.frames import RawProperties, decode_table
+from worker.ingest.worker import Worker
 
 raw = st.binary(max_size=24)
 keys = st.one_of(st.sampled_from([b"x-delivery-count", b"x-acquired-count", b"\xff\xfe"]), raw)

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from tests import rawamqp
 from worker import events
-from worker.amqp import Delivery
+from worker.amqp.frames import RawProperties, decode_table, table_entries
+from worker.amqp.protocol import Delivery
 from worker.config import Settings
-from worker.deadletter import RAW_PROPERTIES_HEADER, WORKER_HEADERS, copy_of
 from worker.errors import Rejection
 from worker.events import Event
-from worker.frames import RawProperties, decode_table, table_entries
-from worker.pipeline import intake
+from worker.ingest.deadletter import RAW_PROPERTIES_HEADER, WORKER_HEADERS, copy_of
+from worker.ingest.pipeline import intake
 
 SETTINGS = Settings.from_env({}, delivery_limit=5)
 NOW = datetime(2025, 8, 15, tzinfo=UTC)

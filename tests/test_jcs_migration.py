@@ -16,8 +16,9 @@ import pytest
 
 from tests.factories import template_doc
 from tests.helpers import run_cli
-from worker import migrations, templates
+from worker import templates
 from worker.errors import PermanentError
+from worker.store import migrations
 
 BEFORE = "20261124090000"
 REVISION = "20261201090000"

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.factories import Tenant, encode, event_doc
-from worker.checkpoint import Checkpoint, Watermark
+from worker.backfill.checkpoint import Checkpoint, Watermark
+from worker.backfill.jsonl import FileIdentity, Reader
+from worker.backfill.pacing import Pacer, Progress
 from worker.errors import InputError, Rejection
 from worker.events import Event
-from worker.jsonl import FileIdentity, Reader
-from worker.replay import Pacer, Progress
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
 

@@ -8,7 +8,7 @@ import uuid
 
 import asyncpg
 
-from worker import migrations
+from worker.store import migrations
 
 BEFORE = "20261201090000"
 REVISION = "20261202090000"

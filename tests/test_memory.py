@@ -26,11 +26,11 @@ from tests.conftest import ROOT
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, queue_depth, wait_until
 from tests.test_backfill_cli import environment
-from worker import replay
+from worker.backfill import replay
 from worker.config import Settings
 from worker.events import Event
 from worker.publisher import Publisher, prepare
-from worker.store import IngestResult, Store
+from worker.store.ingest import IngestResult, Store
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 LIMIT = 512 * 1_048_576

@@ -19,8 +19,8 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker import migrations
-from worker.schema import HEAD
+from worker.store import migrations
+from worker.store.schema import HEAD
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_REVISION = "20250814141329"
@@ -470,7 +470,7 @@ def error_line(out: subprocess.CompletedProcess[str]) -> str:
 
 
 async def schema_state(url: str) -> Any:
-    from worker import schema
+    from worker.store import schema
 
     conn = await asyncpg.connect(url)
     try:

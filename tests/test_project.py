@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from worker.config import Settings
+from worker.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = [
@@ -52,8 +53,43 @@ def test_invalid_setting_is_a_clear_error() -> None:
         check=False,
     )
     assert out.returncode == 2
-    assert "PROMPTER_BATCH_SIZE (--batch-size): must be a whole number, got 'lots'" in out.stderr
+    assert "PROMPTER_BATCH_SIZE (--batch-size): 'lots' is not a valid integer" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw", "says"),
+    [
+        ("PROMPTER_BATCH_SIZE", "0", "PROMPTER_BATCH_SIZE (--batch-size): 0 is not in the range"),
+        (
+            "PROMPTER_RETRY_MAX_SECONDS",
+            "soon",
+            "(--retry-max-seconds): 'soon' is not a valid float",
+        ),
+        (
+            "PROMPTER_DECLARE",
+            "maybe",
+            "PROMPTER_DECLARE (--declare): 'maybe' is not a valid boolean",
+        ),
+        (
+            "PROMPTER_LOG_FORMAT",
+            "xml",
+            "(--log-format): 'xml' is not one of 'auto', 'json', 'text'",
+        ),
+    ],
+)
+def test_each_kind_of_setting_says_what_is_wrong(variable: str, raw: str, says: str) -> None:
+    """Settings are read with click's own types (the flags'): every problem is listed,
+    each naming its variable, its flag and the reason."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({variable: raw, "PROMPTER_PREFETCH": "-1"})
+    assert says in str(caught.value)
+    assert "PROMPTER_PREFETCH (--prefetch): -1 is not in the range" in str(caught.value)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("on", True), (" TRUE ", True), ("0", False)])
+def test_booleans_read_as_the_flags_read_them(raw: str, value: bool) -> None:
+    assert Settings.from_env({"PROMPTER_DECLARE": raw}).declare is value
 
 
 def compose() -> dict[str, object]:

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, encode, event_doc
 from tests.helpers import close_connections_named, drain, queue_depth, wait_until
-from worker import broker
+from worker.amqp import broker
 from worker.errors import (
     BrokerUnavailable,
     ConfigError,

@@ -20,7 +20,7 @@ import uvloop
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, event_doc
 from tests.helpers import queue_depth, rabbitmqctl, wait_until
-from worker import broker
+from worker.amqp import broker
 from worker.errors import BrokerUnavailable, PublishError, WorkerError
 from worker.publisher import Publisher
 

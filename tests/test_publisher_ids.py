@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.factories import Tenant, event_doc
-from worker import demo
+from worker.commands import demo
 from worker.publisher import new_event_id, prepare
 
 TENANT = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))

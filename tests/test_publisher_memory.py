@@ -27,7 +27,7 @@ import aiormq
 import orjson
 
 from tests.factories import Tenant, event_doc
-from worker import broker
+from worker.amqp import broker
 from worker.publisher import Publisher
 
 AMQP_URL, PREFIX, N = sys.argv[1], sys.argv[2], int(sys.argv[3])

@@ -21,7 +21,8 @@ from pamqp import commands as spec
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, event_doc
 from tests.helpers import drain
-from worker import broker, logs
+from worker import logs
+from worker.amqp import broker
 from worker.errors import UnroutableError
 from worker.publisher import Publisher, publish_confirmed
 
@@ -273,6 +274,8 @@ def test_the_filter_summarizes_every_payload_carrier() -> None:
     assert logs.PAYLOAD_FILTER.filter(record)
     assert record.exc_info is None
     assert "DeliveryError" in record.getMessage()
-    mine = logging.LogRecord("worker.consumer", logging.INFO, __file__, 1, "x %r", (body,), None)
+    mine = logging.LogRecord(
+        "worker.ingest.worker", logging.INFO, __file__, 1, "x %r", (body,), None
+    )
     assert logs.PAYLOAD_FILTER.filter(mine)
     assert mine.args == (body,)

@@ -19,14 +19,16 @@ import pytest
 from tests.conftest import own_database
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
 from tests.helpers import close_connections_named, count, drain, queue_depth, running, wait_until
-from worker import broker, replay
-from worker.checkpoint import Checkpoint
+from worker.amqp import broker
+from worker.backfill import pacing, replay
+from worker.backfill.checkpoint import Checkpoint
+from worker.backfill.reports import render
 from worker.config import Settings
-from worker.consumer import Worker
 from worker.errors import ConfigError, InputError
+from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.reports import render
-from worker.store import Store, create_pool
+from worker.store.ingest import Store
+from worker.store.pool import create_pool
 
 
 def write_jsonl(path: Path, lines: list[bytes], *, compress: bool = False) -> Path:
@@ -136,7 +138,7 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
     path = write_jsonl(tmp_path / "h.jsonl", history(tenant, n))
     checkpoint = tmp_path / "replay.checkpoint"
 
-    stop = replay.Stop()
+    stop = pacing.Stop()
     async with Publisher.from_settings(settings) as publisher:
         run = asyncio.create_task(
             replay.publish_files(
@@ -428,7 +430,7 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
     path = write_jsonl(tmp_path / "h.jsonl", history(tenant, n))
     checkpoint = tmp_path / "cp"
     pool = await create_pool(settings.database_url, max_size=2)
-    stop = replay.Stop()
+    stop = pacing.Stop()
     try:
         run = asyncio.create_task(
             replay.ingest_files(

@@ -46,3 +46,25 @@ def test_a_fault_is_logged_once_then_every_30_seconds_then_its_recovery(
         "database available again after 95 failed attempts",
     ]
     assert LOG_EVERY_SECONDS == 30
+
+
+def test_what_is_retried_goes_into_the_line_as_fields(caplog: pytest.LogCaptureFixture) -> None:
+    """A batch's retry says which batch (its size) and the attempt, as structured fields,
+    on the first line and on the reminders; the failures so far on the reminders."""
+    now = [0.0]
+    retrying = Retrying(
+        failing="database unavailable",
+        recovered="database available again",
+        logger=logging.getLogger("test.retry.fields"),
+        clock=lambda: now[0],
+    )
+    caplog.set_level(logging.INFO, logger="test.retry.fields")
+    retrying.failed("connection refused", batch=500, attempt=1)
+    now[0] = 10.0
+    retrying.failed("connection refused", batch=500, attempt=2)  # within 30 s: silent
+    now[0] = 31.0
+    retrying.failed("connection refused", batch=500, attempt=3)
+    first, reminder = caplog.records
+    assert (first.batch, first.attempt) == (500, 1)  # type: ignore[attr-defined]
+    assert (reminder.batch, reminder.attempt) == (500, 3)  # type: ignore[attr-defined]
+    assert reminder.failures == 3  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""The schema check at start (worker/schema.py): what it accepts, what it names as missing.
+"""The schema check at start (worker/store/schema.py): what it accepts, what it names as missing.
 
 Against the real PostgreSQL; the revision bookkeeping also against alembic/versions.
 """
@@ -20,9 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT, with_user
-from worker import migrations, schema
 from worker.config import Settings
 from worker.errors import ConfigError, SchemaError
+from worker.store import migrations, schema
 
 
 @pytest.fixture

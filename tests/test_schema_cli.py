@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import AMQP_URL, create_database, drop_database, unique_name
 from tests.helpers import run_cli
-from worker import migrations, schema
+from worker.store import migrations, schema
 
 NEWER = "20991231000000"
 BEHIND = schema.REVISIONS[-2]

@@ -28,8 +28,9 @@ from tests.conftest import with_user
 from tests.factories import Tenant, event, event_doc, make_tenant
 from tests.helpers import run_cli
 from worker import logs
-from worker.config import Settings, mask_url, tls_warnings
+from worker.config import Settings
 from worker.errors import ConfigError
+from worker.security import mask_url, tls_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("prompt_templates", "prompt_versions", "prompt_results")
@@ -127,7 +128,8 @@ async def test_runtime_role_ingests_and_is_refused_everything_else(
     """Logged in as the runtime role, the store ingests a batch; DELETE, TRUNCATE, DDL,
     writing templates, updating results or a version's key, tenant or template, and
     reading columns ingestion does not read are refused by PostgreSQL."""
-    from worker.store import Store, create_pool
+    from worker.store.ingest import Store
+    from worker.store.pool import create_pool
 
     t = await make_tenant(conn)
     url = with_user(database, *runtime_role)

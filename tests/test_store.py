@@ -29,7 +29,6 @@ from tests.factories import (
     spaced,
 )
 from tests.helpers import run_cli
-from worker import store as store_module
 from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
@@ -39,7 +38,11 @@ from worker.errors import (
     TransientError,
 )
 from worker.events import Event, decode, exact_columns
-from worker.store import Outcome, Store
+from worker.store import classify as classify_module
+from worker.store import ingest as store_module
+from worker.store import pool as pool_module
+from worker.store.ingest import Outcome, Store
+from worker.store.sql import SQL
 
 
 def at(seconds: float) -> datetime:
@@ -53,7 +56,7 @@ async def pool(database: str, runtime_role: tuple[str, str]) -> AsyncIterator[as
     module that ingests through the ``store`` fixture proves its path works with those
     rights (COPY, INSERT, the look-up and comparison of repeats, ON CONFLICT under
     savepoints, bisection, the merge and its FOR NO KEY UPDATE)."""
-    p = await store_module.create_pool(with_user(database, *runtime_role), max_size=4)
+    p = await pool_module.create_pool(with_user(database, *runtime_role), max_size=4)
     try:
         yield p
     finally:
@@ -188,7 +191,7 @@ async def test_compact_batches_are_copied(
         return result
 
     async def looking(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
-        if query == store_module.SQL.STORED_IDS:
+        if query == SQL.STORED_IDS:
             lookups.append(len(args[0].split()))
         return await fetch(self, query, *args, **kwargs)
 
@@ -261,7 +264,7 @@ async def test_ties_resolve_the_same_in_any_order(database: str, conn: asyncpg.C
     t = await make_tenant(conn)
     a = event(t, occurred_at=at(9), model_id="model-a")
     b = event(t, occurred_at=at(9), model_id="model-b")
-    pool = await store_module.create_pool(database)
+    pool = await pool_module.create_pool(database)
     try:
         s = Store(pool)
         await s.ingest([a])
@@ -407,7 +410,7 @@ async def test_any_order_any_repeats_any_batches_same_tables(
 ) -> None:
     """Random events, shuffled, repeated and split into random batches: identical tables."""
     conn = await asyncpg.connect(database)
-    pool = await store_module.create_pool(database)
+    pool = await pool_module.create_pool(database)
     try:
         await conn.execute("TRUNCATE prompt_results, prompt_versions, prompt_templates CASCADE")
         tenants = [await make_tenant(conn) for _ in range(2)]
@@ -475,9 +478,9 @@ async def test_any_order_any_repeats_any_batches_same_tables(
 )
 def test_classify_by_sqlstate_and_type(exc: BaseException, kind: type[TransientError]) -> None:
     """Infrastructure failures map onto the transient branch, by SQLSTATE and type."""
-    out = store_module.classify(exc)
+    out = classify_module.classify(exc)
     assert type(out) is kind
-    assert not store_module.is_data_error(exc)
+    assert not classify_module.is_data_error(exc)
 
 
 @pytest.mark.parametrize(
@@ -492,7 +495,7 @@ def test_classify_by_sqlstate_and_type(exc: BaseException, kind: type[TransientE
 )
 def test_data_errors_are_not_transient(exc: asyncpg.PostgresError) -> None:
     """Data errors belong to an event: they are split out, never retried forever."""
-    assert store_module.is_data_error(exc)
+    assert classify_module.is_data_error(exc)
 
 
 async def test_terminated_connection_is_a_retryable_error(
@@ -532,7 +535,7 @@ async def test_terminated_connection_is_a_retryable_error(
 async def test_unreachable_database_is_unavailable() -> None:
     """A pool that cannot connect raises DatabaseUnavailable, not a raw socket error."""
     with pytest.raises(DatabaseUnavailable):
-        await store_module.create_pool(
+        await pool_module.create_pool(
             "postgresql://postgres@127.0.0.1:1/nothing", connect_timeout=2
         )
 
@@ -639,7 +642,7 @@ async def test_works_without_a_prepared_statement_cache(
     """PROMPTER_STATEMENT_CACHE_SIZE=0 (PgBouncer in transaction mode): every path of
     ingestion still works, fast and safe statements, repeats and rejections alike."""
     t = await make_tenant(conn)
-    pool = await store_module.create_pool(database, statement_cache_size=0)
+    pool = await pool_module.create_pool(database, statement_cache_size=0)
     try:
         s = Store(pool)
         first = [event(t) for _ in range(20)]
@@ -673,7 +676,7 @@ async def test_concurrent_batches_merging_the_same_versions_never_deadlock(
     # Whatever plan PostgreSQL picks: without index scans, an UPDATE locks rows in heap
     # order, which concurrent updates reshuffle (this test's own database only).
     await conn.execute(f"ALTER DATABASE {database.rsplit('/', 1)[1]} SET enable_indexscan = off")
-    pool = await store_module.create_pool(database, max_size=6)
+    pool = await pool_module.create_pool(database, max_size=6)
     try:
         stores = [Store(pool) for _ in range(6)]
         await stores[0].ingest([event(t, version_key=k, occurred_at=at(0)) for t, k in keys])

@@ -35,10 +35,12 @@ from tests.conftest import (
     with_user,
 )
 from tests.factories import Tenant, encode, event_doc, template_doc
-from worker import migrations, templates
+from worker import templates
 from worker.errors import DatabaseConflict, Rejection
 from worker.events import Event, decode
-from worker.store import Outcome, Store, create_pool
+from worker.store import migrations
+from worker.store.ingest import Outcome, Store
+from worker.store.pool import create_pool
 
 #: How each database is created (from template0, then migrated to head).
 COLLATIONS = {

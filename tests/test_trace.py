@@ -26,10 +26,11 @@ from pamqp import commands as spec
 from tests.conftest import AMQP_URL
 from tests.factories import Tenant, encode, event, event_doc, make_tenant
 from tests.helpers import count, publish, queue_depth, run_cli, running, wait_until
-from worker import broker, trace
+from worker.amqp import broker
+from worker.commands import trace
 from worker.config import Settings
-from worker.consumer import Worker
-from worker.store import Store
+from worker.ingest.worker import Worker
+from worker.store.ingest import Store
 
 
 def props(message_id: str, headers: dict[str, Any] | None = None) -> spec.Basic.Properties:
@@ -402,7 +403,7 @@ def tracking_postgres() -> Iterator[str]:
     track_commit_timestamp = on, migrated; its URL. Skipped where it cannot start, except
     in CI, where that fails."""
     from tests.faults.servers import Certificates, PrivatePostgres, ServerError, free_port
-    from worker import migrations
+    from worker.store import migrations
 
     base = Path(tempfile.mkdtemp(prefix="prompter-trace-"))
     base.chmod(0o755)
@@ -435,7 +436,7 @@ async def test_the_commit_time_is_the_batch_s_when_tracked(tracking_postgres: st
     """With track_commit_timestamp on, the answer gives the commit time of the transaction
     that stored the event: the same for every event of one batch, after they occurred, and
     within the call that stored them."""
-    from worker.store import create_pool
+    from worker.store.pool import create_pool
 
     conn = await asyncpg.connect(tracking_postgres)
     pool = await create_pool(tracking_postgres, max_size=2)

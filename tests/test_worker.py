@@ -32,7 +32,7 @@ from tests.helpers import (
     wait_until,
 )
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,7 +27,7 @@ from tests.helpers import (
 from tests.test_backfill_cli import environment
 from tests.test_publisher_faults import Server, run_on
 from worker.config import Settings
-from worker.consumer import Worker
+from worker.ingest.worker import Worker
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

@@ -23,7 +23,7 @@
         └── BrokerUnavailable    the broker connection or channel is gone
 
 Rejections are permanent and belong to one event; transient errors belong to the batch and
-never turn into rejections. :func:`worker.store.classify` maps asyncpg exceptions onto this
+never turn into rejections. :func:`worker.store.ingest.classify` maps asyncpg exceptions onto this
 tree by SQLSTATE and exception type.
 """
 

@@ -26,7 +26,7 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 from aiormq.exceptions import DeliveryError
 from pamqp.body import ContentBody
 
-from worker import config
+from worker import security
 
 # Attributes every LogRecord has; anything else came from ``extra=`` and is a field.
 _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -34,8 +34,8 @@ _STANDARD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asc
 
 def redact(text: str) -> str:
     """Mask passwords in URLs and ``password=...`` pairs found anywhere in ``text``: the
-    rule of every other output (:func:`worker.config.redact`), so they never disagree."""
-    return config.redact(text)
+    rule of every other output (:func:`worker.security.redact`), so they never disagree."""
+    return security.redact(text)
 
 
 #: The loggers aiormq writes to (module loggers, and one child it makes by name).

@@ -50,7 +50,7 @@ call raises the same way and nothing reconnects.
 the end of the results table's primary-key index instead of all over it. The contract
 accepts any UUID.
 
-The topology (:class:`worker.broker.Topology`) is declared on connect, idempotently, so
+The topology (:class:`worker.amqp.broker.Topology`) is declared on connect, idempotently, so
 publishers and workers may start in any order; with ``declare=False`` it is only checked.
 
 **Pipelining.** :meth:`Publisher.publish_many` (and the lower-level :meth:`Publisher.send`)
@@ -58,8 +58,8 @@ keep up to ``window`` messages awaiting their confirm instead of one round trip 
 message; ``bench/publish.py`` measures both and chose :data:`DEFAULT_WINDOW`.
 
 **Why aiormq and not aio-pika.** The worker already speaks aiormq directly, and this module
-reuses its pieces unchanged: :func:`worker.broker.connect` (cluster URL lists, masked
-passwords) and :func:`worker.broker.open_topology` both work on aiormq connections. aiormq
+reuses its pieces unchanged: :func:`worker.amqp.broker.connect` (cluster URL lists, masked
+passwords) and :func:`worker.amqp.broker.open_topology` both work on aiormq connections. aiormq
 also gives the confirm of each publish as a future, which is all a window of outstanding
 confirms needs, with no per-message ``Message`` object or robust-connection machinery on the
 hot path: the publisher's CPU per message is what bounds its rate on a small machine. One
@@ -80,7 +80,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiormq
 import aiormq.abc
@@ -89,7 +89,8 @@ import orjson
 import uuid_utils
 from pamqp import commands as spec
 
-from worker import broker, events, logs
+from worker import events, logs, tracing
+from worker.amqp import broker
 from worker.config import Settings
 from worker.errors import (
     BrokerUnavailable,
@@ -100,6 +101,9 @@ from worker.errors import (
     WorkerError,
 )
 from worker.events import Event
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 logs.guard_amqp_loggers()  # no message body in aiormq's log records, whoever set up logging
@@ -216,6 +220,7 @@ class Publisher:
         max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT,
         name: str = "prompter-publisher",
         app_id: str | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -231,6 +236,9 @@ class Publisher:
         self.max_bytes_in_flight = max_bytes_in_flight
         self.name = name
         self.app_id = app_id or name
+        # With tracing on (worker.tracing.current(), or a tracer given), each message gets
+        # a PRODUCER span and carries its context in W3C traceparent/tracestate headers.
+        self.tracer = tracer if tracer is not None else tracing.current()
         self._connection: aiormq.Connection | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._opening: asyncio.Task[None] | None = None
@@ -394,10 +402,37 @@ class Publisher:
             self._release_bytes(size)
             raise
         flight = _InFlight(prepared.event_id, loop.create_future(), size)
-        task = loop.create_task(self._publish(channel, prepared, routing_key, deadline, flight))
+        headers = None if self.tracer is None else self._traced(prepared, routing_key, flight)
+        task = loop.create_task(
+            self._publish(channel, prepared, routing_key, deadline, flight, headers=headers)
+        )
         self._outstanding[task] = flight
         task.add_done_callback(self._settled)
         return flight.done
+
+    def _traced(self, prepared: Prepared, routing_key: str, flight: _InFlight) -> dict[str, Any]:
+        """Start the message's PRODUCER span (a child of the caller's current span), ended
+        when the message is confirmed or fails; the headers that carry its context."""
+        assert self.tracer is not None
+        from opentelemetry.trace import SpanKind  # noqa: PLC0415 - tracing is on
+
+        span = self.tracer.start_span(
+            f"publish {self.topology.exchange}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "publish",
+                "messaging.destination.name": self.topology.exchange,
+                "messaging.rabbitmq.destination.routing_key": routing_key,
+                "messaging.message.id": prepared.event_id,
+                "messaging.message.body.size": len(prepared.body),
+            },
+        )
+        headers: dict[str, Any] = {}
+        tracing.inject(span, headers)
+        flight.done.add_done_callback(lambda done: tracing.end(span, done))
+        return headers
 
     async def flush(self) -> None:
         """Wait until every message sent so far is confirmed or has failed."""
@@ -422,6 +457,8 @@ class Publisher:
         routing_key: str,
         deadline: float,
         flight: _InFlight,
+        *,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         props = spec.Basic.Properties(
             content_type=CONTENT_TYPE,
@@ -429,6 +466,7 @@ class Publisher:
             message_id=prepared.event_id,
             app_id=self.app_id,
             timestamp=datetime.now(UTC),
+            headers=headers,
         )
         try:
             async with asyncio.timeout_at(deadline):

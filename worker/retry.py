@@ -65,15 +65,22 @@ class Retrying:
     failures: int = 0
     _last_log: float = field(default=0.0, repr=False)
 
-    def failed(self, reason: object) -> None:
+    def failed(self, reason: object, **fields: object) -> None:
+        """Record a failure; ``fields`` (what is retried: a batch's size, its attempt)
+        go into the log line as structured fields, when one is written."""
         now = self.clock()
         self.failures += 1
+        extra = dict(fields)
         if self.failures == 1:
-            self.logger.warning("%s, retrying: %s", self.failing, reason)
+            self.logger.warning("%s, retrying: %s", self.failing, reason, extra=extra)
             self._last_log = now
         elif now - self._last_log >= LOG_EVERY_SECONDS:
             self.logger.warning(
-                "%s, still after %d attempts, retrying: %s", self.failing, self.failures, reason
+                "%s, still after %d attempts, retrying: %s",
+                self.failing,
+                self.failures,
+                reason,
+                extra={**extra, "failures": self.failures},
             )
             self._last_log = now
 

@@ -8,6 +8,7 @@ elsewhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import secrets
@@ -103,7 +104,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
 async def _template_database(
     pg: PrivatePostgres, role: tuple[str, str], templates: list[Template]
 ) -> None:
-    from worker import migrations
+    from worker.store import migrations
 
     await pg.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
     url = pg.url(TEMPLATE_DATABASE)
@@ -177,9 +178,16 @@ async def _delete_queues(s: Scenario) -> None:
         await connection.close()
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under pytest-xdist (`make test` runs two processes) the scenarios run in a worker
+    process: their rows travel to the controller, which prints the table
+    (``tests/conftest.py``)."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        output["fault_results"] = [dataclasses.astuple(r) for r in harness.RESULTS]
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The fault suite's table: one line per scenario."""
-    if not harness.RESULTS:
-        return
-    terminalreporter.section("fault suite: every confirmed publish accounted for")
-    terminalreporter.write_line(harness.table(harness.RESULTS))
+    """The fault suite's table: one line per scenario (a run without pytest-xdist)."""
+    if harness.RESULTS:
+        harness.print_table(terminalreporter, harness.RESULTS)

@@ -40,7 +40,7 @@ from pamqp import commands as spec
 from bench.data import Template, make_events
 from tests.faults.servers import PrivatePostgres, PrivateRabbit, free_port
 from tests.helpers import drain
-from worker import broker
+from worker.amqp import broker
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,6 +494,11 @@ class Result:
 
     def line(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in zip(self.HEADER, self.cells(), strict=True))
+
+
+def print_table(terminal: pytest.TerminalReporter, results: Sequence[Result]) -> None:
+    terminal.section("fault suite: every confirmed publish accounted for")
+    terminal.write_line(table(results))
 
 
 def table(results: Sequence[Result]) -> str:

@@ -38,7 +38,7 @@ from tests.faults.harness import (
     wait_for,
 )
 from tests.faults.servers import PrivateRabbit, RabbitCluster, ServerError
-from worker import broker
+from worker.amqp import broker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420), *SLOW]
 

@@ -67,7 +67,7 @@ async def failover_scenario(
     made: list[tuple[Scenario, PostgresPair]] = []
 
     async def make(name: str, *, synchronous: bool) -> tuple[Scenario, PostgresPair]:
-        from worker import migrations
+        from worker.store import migrations
 
         pair = PostgresPair(servers.base / f"pair-{uuid.uuid4().hex[:8]}", servers.certs,
                             synchronous)  # fmt: skip

@@ -31,10 +31,11 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from worker import __version__
-from worker.amqp import verification_disabled
-from worker.config import Settings, mask_url
+from worker.amqp.protocol import verification_disabled
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import redact
+from worker.security import mask_url
 
 log = logging.getLogger(__name__)
 

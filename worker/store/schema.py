@@ -40,9 +40,10 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.config import Settings, asyncpg_dsn
 from worker.errors import ConfigError, SchemaError
-from worker.store import classify
+from worker.security import mask_url
+from worker.store.classify import classify
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
 }  # fmt: skip
 
 #: The columns each table's INSERT gives a value (``templates.SQL.REGISTER``,
-#: ``store.SQL.INSERT_VERSIONS``, ``store.RESULT_COLUMNS``): any other NOT NULL column
+#: ``SQL.INSERT_VERSIONS``, ``ingest.RESULT_COLUMNS``): any other NOT NULL column
 #: needs a default, or every insert fails.
 WRITTEN: Final[Mapping[str, frozenset[str]]] = {
     "prompt_templates": frozenset(COLUMNS["prompt_templates"]) - {"id", "created_at", "deleted_at"},
@@ -117,13 +118,13 @@ UNIQUE_KEYS: Final = (
         columns=("org_id", "workspace_id", "config_hash"),
         predicate="deleted_at IS NULL",
     ),
-    # store.SQL.INSERT_VERSIONS: ON CONFLICT ON CONSTRAINT ux_versions_org_ws_tpl_pvk
+    # SQL.INSERT_VERSIONS: ON CONFLICT ON CONSTRAINT ux_versions_org_ws_tpl_pvk
     UniqueKey(
         table="prompt_versions",
         columns=("org_id", "workspace_id", "template_id", "provider_version_key"),
         constraint="ux_versions_org_ws_tpl_pvk",
     ),
-    # store.SQL.INSERT_RESULTS: ON CONFLICT (id); event_id is the result's id.
+    # SQL.INSERT_RESULTS: ON CONFLICT (id); event_id is the result's id.
     UniqueKey(table="prompt_results", columns=("id",)),
 )
 

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import orjson
 
-from worker import jsonl
+from worker.backfill import jsonl
 from worker.errors import InputError
 
 CHECKPOINT_VERSION: Final = 1

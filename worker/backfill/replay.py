@@ -11,10 +11,10 @@
 
 Both paths keep the original ``occurred_at``: history lands at its own time.
 
-**Checkpoints** (``--checkpoint PATH``, :mod:`worker.checkpoint`) make a run resumable:
+**Checkpoints** (``--checkpoint PATH``, :mod:`worker.backfill.checkpoint`) make a run resumable:
 only settled lines count, and the checkpoint is saved about once a second, when a file is
 finished, and when the run stops for any reason. What a run did is a
-:class:`~worker.reports.Report` (:mod:`worker.reports`).
+:class:`~worker.backfill.reports.Report` (:mod:`worker.backfill.reports`).
 
 **Pacing** (``rate``) follows a schedule (GCRA, a token bucket's twin), not a sleep after
 each event: the long-run rate is exact whatever the sleeps' jitter, and bursts are bounded.
@@ -27,19 +27,20 @@ still holds only settled lines).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
-from tqdm import tqdm
 
-from worker import broker, jsonl, schema
-from worker.checkpoint import Checkpoint, Watermark
+from worker import tracing
+from worker.amqp import broker
+from worker.backfill import jsonl
+from worker.backfill.checkpoint import Checkpoint, Watermark
+from worker.backfill.pacing import Pacer, Progress, Stop, stop_on_signals
+from worker.backfill.reports import FileReport, Invalid, Rejects, Report
 from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
@@ -50,9 +51,13 @@ from worker.errors import (
 )
 from worker.events import Event
 from worker.publisher import DEFAULT_WINDOW, Prepared, Publisher
-from worker.reports import FileReport, Invalid, Rejects, Report
-from worker.signals import handle_signals
-from worker.store import Outcome, Store, backoff, create_pool, unreachable
+from worker.retry import backoff
+from worker.store import schema
+from worker.store.ingest import Outcome, Store
+from worker.store.pool import create_pool, unreachable
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 CHECKPOINT_EVERY_SECONDS: Final = 1.0
 DEFAULT_BATCH_SIZE: Final = 1000
@@ -60,113 +65,6 @@ DEFAULT_CONCURRENCY: Final = 2
 DEFAULT_REJECTS_PATH: Final = "prompter-rejects.jsonl"
 DIRECT_ATTEMPTS: Final = 6  # tries of one batch on transient database faults
 TICK_EVERY_LINES: Final = 64  # progress and the checkpoint clock are checked this often
-
-
-# --- pacing ---------------------------------------------------------------------------------
-
-
-class Pacer:
-    """At most ``rate`` events per second in the long run, bursts of at most ``burst``.
-
-    A generic cell rate algorithm: each event is due ``1/rate`` after the previous one's
-    due time, and may go up to ``(burst - 1) / rate`` early. Sleeping is done against that
-    schedule, so oversleeping once is made up, never accumulated. ``rate=None`` means no
-    limit. The default burst is 1/20 s worth of events: one short sleep per burst.
-    """
-
-    def __init__(
-        self,
-        rate: float | None,
-        *,
-        burst: float | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-    ) -> None:
-        if rate is not None and rate <= 0:
-            raise ValueError("rate must be positive")
-        self.rate = rate
-        self._clock = clock
-        self._sleep = sleep
-        self._interval = 1.0 / rate if rate else 0.0
-        size = max(1.0, burst if burst is not None else (rate or 0) / 20)
-        self._tolerance = (size - 1) * self._interval
-        self._due = clock()
-
-    async def wait(self) -> None:
-        if self.rate is None:
-            return
-        now = self._clock()
-        due = max(self._due, now)
-        self._due = due + self._interval
-        if due - now > self._tolerance:
-            # Too early: sleep until this event's own due time, so that the next burst's
-            # worth of events can go without sleeping (one sleep per burst, not per event).
-            await self._sleep(due - now)
-
-
-# --- the pieces around the loop -------------------------------------------------------------
-
-
-class Progress:
-    """A progress bar on stderr (bytes read, with rate and ETA, and events per second),
-    only when ``enabled`` (the CLI enables it when stderr is a terminal)."""
-
-    def __init__(self, total: int | None, *, enabled: bool, stream: TextIO | None = None) -> None:
-        self._bar: Any = None
-        self._start = time.monotonic()
-        self._shown = 0
-        if enabled:
-            self._bar = tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                file=stream or sys.stderr,
-                dynamic_ncols=True,
-                mininterval=0.25,
-                smoothing=0.1,
-            )
-
-    def update(self, position: int, settled: int) -> None:
-        if self._bar is None:
-            return
-        if position > self._shown:
-            self._bar.update(position - self._shown)
-            self._shown = position
-        elapsed = time.monotonic() - self._start
-        rate = settled / elapsed if elapsed > 0 else 0.0
-        self._bar.set_postfix_str(f"{settled:,} events, {rate:,.0f} ev/s", refresh=False)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-
-class Stop:
-    """A request to stop a run: the first :meth:`request` stops reading (what is in flight
-    is finished, then the checkpoint saved and the report made); the second stops waiting
-    for what is in flight too."""
-
-    def __init__(self) -> None:
-        self.requested = asyncio.Event()
-        self.now = asyncio.Event()
-
-    def request(self) -> None:
-        if self.requested.is_set():
-            self.now.set()
-        self.requested.set()
-
-    def is_set(self) -> bool:
-        return self.requested.is_set()
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: Stop) -> Iterator[None]:
-    """SIGINT and SIGTERM call ``stop.request()`` for the duration; the previous handlers
-    come back afterwards."""
-    with handle_signals(lambda _signum: stop.request()):
-        yield
 
 
 @dataclass(kw_only=True)
@@ -495,6 +393,18 @@ async def ingest_files(
         name: str, file: FileReport, mark: Watermark, batch: list[tuple[int, Event]]
     ) -> None:
         assert store is not None
+        attributes = {"prompter.events": len(batch), "prompter.replay.file": name}
+        with tracing.span(store.tracer, tracing.REPLAY_BATCH, attributes) as span:
+            await write_batch(name, file, mark, batch, span)
+
+    async def write_batch(
+        name: str,
+        file: FileReport,
+        mark: Watermark,
+        batch: list[tuple[int, Event]],
+        span: Span | None,
+    ) -> None:
+        assert store is not None
         try:
             events = [e for _, e in batch]
             attempt = 0
@@ -513,6 +423,8 @@ async def ingest_files(
                     file.unconfirmed += len(batch)
                     run.fail(exc)
                     return
+            if span is not None:
+                span.set_attributes(_counts(result.outcomes, attempt))
             for (line, event), outcome in zip(batch, result.outcomes, strict=True):
                 if isinstance(outcome, Rejection):
                     file.refused += 1
@@ -629,6 +541,16 @@ async def run_broker(
             await publisher.close(grace=0 if stop.now.is_set() else None)
 
 
+def _counts(outcomes: Sequence[Outcome | Rejection], retries: int) -> dict[str, int]:
+    """A ``replay --direct`` batch's span attributes."""
+    return {
+        "prompter.stored": sum(o is Outcome.STORED for o in outcomes),
+        "prompter.duplicates": sum(o is Outcome.DUPLICATE for o in outcomes),
+        "prompter.rejected": sum(isinstance(o, Rejection) for o in outcomes),
+        "prompter.retries": retries,
+    }
+
+
 async def run_direct(
     settings: Settings,
     paths: Sequence[str],
@@ -655,7 +577,7 @@ async def run_direct(
         with stop_on_signals(stop):
             return await ingest_files(
                 paths,
-                Store(pool) if pool is not None else None,
+                Store(pool, tracer=tracing.current()) if pool is not None else None,
                 max_bytes=settings.max_event_bytes,
                 batch_size=batch_size,
                 batch_bytes=settings.batch_max_bytes,

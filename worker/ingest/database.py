@@ -3,7 +3,7 @@
 Readiness (``database_ok``) follows every batch and, while idle, a probe; the first
 failure and the recovery are logged once each (:class:`~worker.retry.Retrying`); and the
 session is told (``on_change``) so that the worker stops taking deliveries while the
-database is down (:meth:`worker.session.Session.allow`).
+database is down (:meth:`worker.ingest.session.Session.allow`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Final
 
 import asyncpg
 
-from worker import store
 from worker.errors import TransientError
 from worker.metrics import Health, Metrics
 from worker.retry import Retrying
+from worker.store.classify import classify
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,13 @@ class DatabaseHealth:
         )
         self._last_success = 0.0
 
-    async def failed(self, exc: TransientError) -> None:
-        """A statement or a connection failed for a reason that is not the data's."""
+    async def failed(self, exc: TransientError, **context: int) -> None:
+        """A statement or a connection failed for a reason that is not the data's;
+        ``context`` (a batch's ``batch=`` deliveries and ``attempt=``) goes into the log
+        line, when one is written."""
         self.metrics.retries.labels(kind=type(exc).__name__).inc()
         self.health.problems["database"] = str(exc)
-        self.retrying.failed(exc)
+        self.retrying.failed(exc, **context)
         if self.health.database_ok:
             self.health.database_ok = False
             await self.on_change(False)
@@ -78,6 +80,6 @@ class DatabaseHealth:
                 async with asyncio.timeout(PROBE_SECONDS):
                     await self.pool.fetchval("SELECT 1")
             except Exception as exc:
-                await self.failed(store.classify(exc))
+                await self.failed(classify(exc))
             else:
                 await self.succeeded()

@@ -55,209 +55,31 @@ with it. PostgreSQL breaks the cycle, and the batch it aborts is retried like an
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import itertools
-import random
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import asyncpg
 import orjson
 
 from worker import events as ev
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker import tracing
 from worker.errors import (
     DatabaseConflict,
-    DatabaseError,
-    DatabaseUnavailable,
     Rejection,
     TransientError,
 )
 from worker.events import Event, JsonColumns
+from worker.store.classify import classify, is_data_error, is_infrastructure
+from worker.store.sql import SQL
 
-
-class SQL:
-    """Every statement of the ingestion path, by name."""
-
-    TEMPLATE_TENANTS: Final = """
-        SELECT id::text, org_id::text, workspace_id::text
-        FROM prompt_templates
-        WHERE id = ANY($1::uuid[])
-    """
-
-    # Version keys whose id is not cached yet: inserted with the batch's values if new, with
-    # ON CONFLICT DO NOTHING, which never locks an existing row (a key inserted concurrently
-    # and not yet committed is waited for). $1..$9: one row per key, sorted by key.
-    INSERT_VERSIONS: Final = """
-        INSERT INTO prompt_versions AS v
-            (org_id, workspace_id, template_id, provider_version_key, provider, model_id,
-             fingerprint_captured_at, first_seen_at, last_seen_at)
-        SELECT org_id, workspace_id, template_id, provider_version_key, provider, model_id,
-               fingerprint_captured_at, first_seen_at, last_seen_at
-        FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::text[],
-                    $7::timestamptz[], $8::timestamptz[], $9::timestamptz[])
-             WITH ORDINALITY AS t(org_id, workspace_id, template_id, provider_version_key,
-                                  provider, model_id, fingerprint_captured_at,
-                                  first_seen_at, last_seen_at, ord)
-        ORDER BY ord
-        ON CONFLICT ON CONSTRAINT ux_versions_org_ws_tpl_pvk DO NOTHING
-        RETURNING v.id::text, v.org_id::text, v.workspace_id::text, v.template_id::text,
-                  v.provider_version_key
-    """
-    # The ids of keys that already existed (a new statement: it sees every row committed
-    # before it, including one the INSERT above waited for). Through the unique index.
-    VERSION_IDS: Final = """
-        SELECT v.id::text, v.org_id::text, v.workspace_id::text, v.template_id::text,
-               v.provider_version_key
-        FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[])
-             AS k(org_id, workspace_id, template_id, provider_version_key)
-        JOIN prompt_versions v USING (org_id, workspace_id, template_id, provider_version_key)
-    """
-
-    # Existing version rows: merged LAST in the transaction, so their row locks are held
-    # only until the commit that follows, and a concurrent batch on the same keys writes its
-    # results meanwhile (the results' foreign-key checks take KEY SHARE locks, which do not
-    # conflict with these). Rows the batch would not change are not touched at all (every
-    # field only ever moves one way, so skipping on a stale snapshot is safe).
-    # The newest event is the greatest (last_seen_at, provider, model_id) with the strings
-    # in byte order (COLLATE "C"), as Python compares them: never the column's collation,
-    # under which an ICU database orders 'azure' < 'Bedrock' and the result would depend on
-    # how the events were cut into batches.
-    # Its subquery locks the rows to change in id order: every transaction takes its locks
-    # in one order (new version keys by key, results by id, existing version rows by id), so
-    # workers never deadlock each other. (A plain UPDATE ... FROM locks in the order of its
-    # plan's scan; two of them deadlocked within seconds with four connections.)
-    # $1..$6: one row per key, sorted by version id.
-    _CHANGES_SOURCE: Final = """
-        unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
-               $6::timestamptz[])
-        AS u(id, provider, model_id, fingerprint_captured_at, first_seen_at, last_seen_at)
-    """
-    _CHANGES_NEEDED: Final = """
-        v.id = u.id
-        AND (u.first_seen_at < v.first_seen_at
-             OR u.last_seen_at > v.last_seen_at
-             OR (u.fingerprint_captured_at IS NOT NULL
-                 AND (v.fingerprint_captured_at IS NULL
-                      OR u.fingerprint_captured_at > v.fingerprint_captured_at))
-             OR (u.last_seen_at, u.provider COLLATE "C", u.model_id COLLATE "C")
-              > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C"))
-    """
-    MERGE_VERSIONS: Final = f"""
-        UPDATE prompt_versions AS v SET
-            first_seen_at = LEAST(v.first_seen_at, l.first_seen_at),
-            last_seen_at = GREATEST(v.last_seen_at, l.last_seen_at),
-            fingerprint_captured_at =
-                GREATEST(v.fingerprint_captured_at, l.fingerprint_captured_at),
-            provider = CASE
-                WHEN (l.last_seen_at, l.provider COLLATE "C", l.model_id COLLATE "C")
-                   > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C")
-                THEN l.provider ELSE v.provider END,
-            model_id = CASE
-                WHEN (l.last_seen_at, l.provider COLLATE "C", l.model_id COLLATE "C")
-                   > (v.last_seen_at, v.provider COLLATE "C", v.model_id COLLATE "C")
-                THEN l.model_id ELSE v.model_id END
-        FROM (
-            SELECT v.id, u.provider, u.model_id, u.fingerprint_captured_at,
-                   u.first_seen_at, u.last_seen_at
-            FROM prompt_versions AS v, {_CHANGES_SOURCE}
-            WHERE {_CHANGES_NEEDED}
-            ORDER BY v.id
-            FOR NO KEY UPDATE OF v  -- locked in id order, before any row is updated
-        ) AS l
-        WHERE v.id = l.id
-    """
-
-    # The results, for batches that cannot be COPYed (a body not in compact form) or are
-    # being bisected. INSERT_RESULTS skips a repeated event ON CONFLICT (id) DO NOTHING (one
-    # inserted concurrently by another worker is waited for, then skipped) and returns the
-    # ids it inserted: bisection uses it, as a unique violation there would look like bad
-    # data. INSERT_RESULTS_FAST is a plain INSERT: about 15% faster (no speculative
-    # insertion, see bench/README.md), but one repeated event fails it with a unique
-    # violation, as it fails COPY; the store uses either for events it takes to be new.
-    # (An anti-join, WHERE NOT EXISTS, was tried and rejected: its plan depends on table
-    # statistics, and a generic plan made while the table was small seq-scans it forever.)
-    # $1..$4: per version key (org, workspace, template, version id); $5..$9: one row per
-    # event, sorted by event_id: id, the 1-based position of its key in $1..$4,
-    # occurred_at (as Python parsed it, the same value the version row got), and where its
-    # body sits in $10, every body concatenated. The text columns come from the body, as
-    # PostgreSQL parses it (the same value as the decoder's: duplicate keys, last wins).
-    # Whole numbers and UUIDs travel as space-separated text and bodies as one bytea:
-    # asyncpg spends ~0.25 us per array element on shape checks and regrows its buffer by
-    # ~1 KiB per element past 64 KiB, so fewer, flatter parameters cost the worker far less
-    # CPU (bench/README.md has the numbers).
-    _RESULTS_TEMPLATE: Final = """
-        INSERT INTO prompt_results
-            (id, org_id, workspace_id, template_id, version_id, provider_version_key,
-             system_fingerprint, request, response, analysis_config, created_at)
-        SELECT r.id,
-               ($1::uuid[])[r.k], ($2::uuid[])[r.k], ($3::uuid[])[r.k], ($4::uuid[])[r.k],
-               d.doc ->> 'provider_version_key', d.doc ->> 'system_fingerprint',
-               d.doc -> 'request', d.doc -> 'response',
-               NULLIF(d.doc -> 'analysis_config', 'null'::jsonb), r.created_at
-        FROM unnest(string_to_array($5, ' ')::uuid[], string_to_array($6, ' ')::int[],
-                    $7::timestamptz[], string_to_array($8, ' ')::int[],
-                    string_to_array($9, ' ')::int[])
-             AS r(id, k, created_at, body_start, body_length)
-        -- OFFSET 0 keeps the subquery from being inlined: one parse per body, not five.
-        CROSS JOIN LATERAL (
-            SELECT convert_from(substring($10::bytea FROM r.body_start FOR r.body_length),
-                                'UTF8')::jsonb AS doc
-            OFFSET 0
-        ) AS d
-    """
-    INSERT_RESULTS: Final = (
-        _RESULTS_TEMPLATE + "        ON CONFLICT (id) DO NOTHING\n        RETURNING id::text\n"
-    )
-    INSERT_RESULTS_FAST: Final = _RESULTS_TEMPLATE
-
-    # Which of these event ids are stored already: one index probe each. Run before writing
-    # whenever the batch may hold repeats; the ids come back in no particular order.
-    STORED_IDS: Final = """
-        SELECT id::text FROM prompt_results WHERE id = ANY(string_to_array($1, ' ')::uuid[])
-    """
-    # The repeats of a batch against their stored rows: per id, whether the row belongs to
-    # another org or workspace, and the names of the other columns whose values differ.
-    # Compared in SQL, the way the row was written: the JSON values as jsonb (the same JSON
-    # value, whatever its text: key order, spacing, escapes, 1.5 vs 1.50), occurred_at as an
-    # instant, text exactly. Nothing of the stored row leaves the server but these names.
-    # $1..$7: one element per event; $8..$10 locate its body in $10 as in _RESULTS_TEMPLATE.
-    COMPARE_STORED: Final = """
-        SELECT u.id::text,
-               r.org_id <> u.org_id OR r.workspace_id <> u.workspace_id AS other_tenant,
-               array_remove(ARRAY[
-                   CASE WHEN r.template_id IS DISTINCT FROM u.template_id
-                        THEN 'template_id' END,
-                   CASE WHEN r.provider_version_key IS DISTINCT FROM u.provider_version_key
-                        THEN 'provider_version_key' END,
-                   CASE WHEN r.system_fingerprint IS DISTINCT FROM u.system_fingerprint
-                        THEN 'system_fingerprint' END,
-                   CASE WHEN r.created_at IS DISTINCT FROM u.occurred_at
-                        THEN 'occurred_at' END,
-                   CASE WHEN r.request IS DISTINCT FROM d.doc -> 'request'
-                        THEN 'request' END,
-                   CASE WHEN r.response IS DISTINCT FROM d.doc -> 'response'
-                        THEN 'response' END,
-                   CASE WHEN r.analysis_config
-                             IS DISTINCT FROM NULLIF(d.doc -> 'analysis_config', 'null'::jsonb)
-                        THEN 'analysis_config' END
-               ], NULL) AS differing
-        FROM unnest(string_to_array($1, ' ')::uuid[], $2::uuid[], $3::uuid[], $4::uuid[],
-                    $5::text[], $6::text[], $7::timestamptz[],
-                    string_to_array($8, ' ')::int[], string_to_array($9, ' ')::int[])
-             AS u(id, org_id, workspace_id, template_id, provider_version_key,
-                  system_fingerprint, occurred_at, body_start, body_length)
-        JOIN prompt_results AS r ON r.id = u.id
-        CROSS JOIN LATERAL (
-            SELECT convert_from(substring($10::bytea FROM u.body_start FOR u.body_length),
-                                'UTF8')::jsonb AS doc
-            OFFSET 0
-        ) AS d
-    """
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 
 class Outcome(enum.Enum):
@@ -287,159 +109,6 @@ class IngestResult:
         return [(i, o) for i, o in enumerate(self.outcomes) if isinstance(o, Rejection)]
 
 
-# --- the pool -----------------------------------------------------------------------------
-
-
-#: The first byte of jsonb's binary form: its format version.
-_JSONB_VERSION: Final = b"\x01"
-
-
-def _encode_jsonb(value: Any) -> bytes:
-    return _JSONB_VERSION + orjson.dumps(value)
-
-
-def _decode_jsonb(data: bytes) -> Any:
-    return orjson.loads(memoryview(data)[1:])
-
-
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """Encode and decode json and jsonb with orjson on every pooled connection.
-
-    In the binary format (JSON text, after a version byte for jsonb), which COPY requires;
-    a value wrapped in :class:`orjson.Fragment` travels as the JSON text it already is.
-    """
-    await conn.set_type_codec(
-        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
-    )
-    await conn.set_type_codec(
-        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
-    )
-
-
-async def _on_release(conn: asyncpg.Connection) -> None:
-    """Nothing to reset when a connection goes back to the pool beyond what asyncpg always
-    does first (roll back a transaction left open): ingestion keeps no session state (no
-    SET, LISTEN, cursors or advisory locks), and the default reset query would cost a
-    round trip per batch."""
-
-
-async def create_pool(
-    database_url: str,
-    *,
-    min_size: int = 1,
-    max_size: int = 2,
-    statement_cache_size: int = 100,
-    command_timeout: float = 60.0,
-    connect_timeout: float = 10.0,
-) -> asyncpg.Pool:
-    """An asyncpg pool for ingestion. ``statement_cache_size=0`` for PgBouncer (transaction
-    mode). ``command_timeout`` bounds every statement, so a black-holed connection turns into
-    a retryable error instead of a hang."""
-    try:
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            asyncpg_dsn(database_url),
-            min_size=min_size,
-            max_size=max_size,
-            statement_cache_size=statement_cache_size,
-            command_timeout=command_timeout,
-            timeout=connect_timeout,
-            init=init_connection,
-            reset=_on_release,
-            server_settings={"application_name": "prompter-worker"},
-        )
-    except Exception as exc:
-        raise classify(exc) from exc
-    return pool
-
-
-@contextlib.asynccontextmanager
-async def connect(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """One connection outside a pool, for the commands other than ``run``: the pool's
-    codecs and statement-cache setting. Raises :class:`DatabaseUnavailable` naming the
-    server (password masked) when it cannot connect."""
-    try:
-        conn: asyncpg.Connection = await asyncpg.connect(
-            asyncpg_dsn(settings.database_url),
-            timeout=10,
-            statement_cache_size=settings.statement_cache_size,
-        )
-    except Exception as exc:
-        raise unreachable(settings.database_url, classify(exc)) from None
-    try:
-        await init_connection(conn)
-        yield conn
-    finally:
-        await conn.close()
-
-
-def unreachable(database_url: str, reason: BaseException) -> DatabaseUnavailable:
-    """The error for a database that cannot be reached."""
-    return DatabaseUnavailable(f"cannot reach PostgreSQL at {mask_url(database_url)}: {reason}")
-
-
-# --- error classification ---------------------------------------------------------------
-
-_UNAVAILABLE_STATES: Final = frozenset(
-    {"57P01", "57P02", "57P03", "57P04", "57P05", "53300", "53100", "53200", "53400", "0A000"}
-)
-_CONFLICT_STATES: Final = frozenset({"40001", "40P01", "55P03", "57014", "55006"})
-_DATA_CLASSES: Final = frozenset({"22", "23", "54"})
-# Failures of the connection itself rather than of a statement.
-_INFRASTRUCTURE: Final = (
-    OSError,
-    ConnectionError,
-    TimeoutError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """The database refused the *data* (SQLSTATE class 22, 23 or 54): some event is at fault."""
-    state = getattr(exc, "sqlstate", None)
-    return (
-        isinstance(exc, asyncpg.PostgresError)
-        and isinstance(state, str)
-        and state[:2] in _DATA_CLASSES
-    )
-
-
-def classify(exc: BaseException) -> TransientError:
-    """Map a failure that is not the data's fault onto the transient branch of the tree.
-
-    Connection loss, refusal and timeouts, server shutdown or startup, too many connections,
-    resource exhaustion and a cached plan invalidated by a migration are
-    :class:`DatabaseUnavailable`; deadlocks, serialization failures, lock and statement
-    timeouts are :class:`DatabaseConflict`; anything else from PostgreSQL (a missing table or
-    privilege) is :class:`DatabaseError`, retried like the others but logged as an error.
-    """
-    if isinstance(exc, TransientError):
-        return exc
-    state = getattr(exc, "sqlstate", None)
-    message = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, asyncpg.PostgresError) and isinstance(state, str):
-        if state.startswith("08") or state in _UNAVAILABLE_STATES:
-            return DatabaseUnavailable(f"[{state}] {message}")
-        if state in _CONFLICT_STATES or state.startswith("40"):
-            return DatabaseConflict(f"[{state}] {message}")
-        return DatabaseError(f"[{state}] {message}")
-    if isinstance(exc, _INFRASTRUCTURE):
-        return DatabaseUnavailable(message)
-    return DatabaseError(message)
-
-
-#: The first retry waits about this long; each next one twice as long (see :func:`backoff`).
-BACKOFF_BASE_SECONDS: Final = 0.1
-
-
-def backoff(attempt: int, cap: float) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (0, 1, 2, ...) of a transient
-    fault: exponential, ~0.1, 0.2, 0.4 ... capped at ``cap``, times a jitter of 0.5-1."""
-    delay: float = min(cap, BACKOFF_BASE_SECONDS * 2.0 ** min(attempt, 30))
-    return delay * random.uniform(0.5, 1.0)
-
-
 # --- ingestion --------------------------------------------------------------------------
 
 #: The columns of ``prompt_results`` a batch writes, in the order of COPY's records.
@@ -465,8 +134,11 @@ class Store:
     version key's row id. Both caches are bounded and only ever hold committed rows.
     """
 
-    def __init__(self, pool: asyncpg.Pool, *, cache_size: int = 100_000) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, cache_size: int = 100_000, tracer: Tracer | None = None
+    ) -> None:
         self.pool = pool
+        self.tracer = tracer  # None: no spans (tracing off)
         self._tenants: dict[str, tuple[str, str]] = {}
         self._versions: dict[VersionKey, str] = {}
         self._cache_size = cache_size
@@ -482,17 +154,23 @@ class Store:
         if not events:
             return IngestResult(outcomes=[])
         try:
-            async with self.pool.acquire() as conn:
-                await self._check_tenants(conn, events, outcomes)
-                rounds = self._rounds(events, outcomes)
-                if rounds:
-                    await self._ingest(conn, events, rounds, outcomes)
+            with tracing.span(self.tracer, tracing.INGEST, {"prompter.events": len(events)}):
+                return await self._ingest_batch(events, outcomes)
         except TransientError:
             raise
         except Exception as exc:
-            if isinstance(exc, asyncpg.PostgresError) or _is_infrastructure(exc):
+            if isinstance(exc, asyncpg.PostgresError) or is_infrastructure(exc):
                 raise classify(exc) from exc
             raise
+
+    async def _ingest_batch(
+        self, events: Sequence[Event], outcomes: list[Outcome | Rejection | None]
+    ) -> IngestResult:
+        async with self.pool.acquire() as conn:
+            await self._check_tenants(conn, events, outcomes)
+            rounds = self._rounds(events, outcomes)
+            if rounds:
+                await self._ingest(conn, events, rounds, outcomes)
         final: list[Outcome | Rejection] = []
         for o in outcomes:
             assert o is not None, "every event has an outcome"
@@ -521,15 +199,16 @@ class Store:
             settled: Settled = {}
             learned: dict[VersionKey, str] = {}
             try:
-                async with conn.transaction():
-                    for n, todo in enumerate(rounds):
-                        if mode is _Mode.BISECT:
-                            await self._bisect(conn, events, todo, settled, learned)
-                        elif mode is _Mode.CAREFUL:
-                            await self._careful(conn, events, todo, settled, learned)
-                        else:
-                            fast = mode is _Mode.FAST and n == 0
-                            await self._round(conn, events, todo, settled, learned, fast=fast)
+                with self._traced("transaction", mode.name.lower()):
+                    async with conn.transaction():
+                        for n, todo in enumerate(rounds):
+                            if mode is _Mode.BISECT:
+                                await self._bisect(conn, events, todo, settled, learned)
+                            elif mode is _Mode.CAREFUL:
+                                await self._careful(conn, events, todo, settled, learned)
+                            else:
+                                fast = mode is _Mode.FAST and n == 0
+                                await self._round(conn, events, todo, settled, learned, fast=fast)
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != RESULTS_PRIMARY_KEY or mode not in _TAKES_NEW:
                     raise
@@ -631,12 +310,15 @@ class Store:
         """Settle the events of ``todo`` whose id is stored already (a duplicate, or a
         conflicting duplicate); the others, still to write."""
         with _encoding():
-            rows = await conn.fetch(SQL.STORED_IDS, " ".join([events[i].event_id for i in todo]))
+            ids = " ".join([events[i].event_id for i in todo])
+            with self._sql("STORED_IDS"):
+                rows = await conn.fetch(SQL.STORED_IDS, ids)
         if not rows:
             return todo
         stored = {r[0] for r in rows}
         repeats = [i for i in todo if events[i].event_id in stored]
-        verdicts = await self._compare(conn, [events[i] for i in repeats])
+        with self._sql("COMPARE_STORED"):
+            verdicts = await self._compare(conn, [events[i] for i in repeats])
         for i in repeats:
             verdict = verdicts.get(events[i].event_id)
             if verdict is None:  # deleted by someone between the two statements
@@ -711,7 +393,7 @@ class Store:
         learned: dict[VersionKey, str] = {}
         fresh: set[VersionKey] = set()
         if uncached:
-            with _encoding():
+            with _encoding(), self._sql("INSERT_VERSIONS"):
                 rows = await conn.fetch(
                     SQL.INSERT_VERSIONS, *([m[j] for m in uncached] for j in range(9))
                 )
@@ -720,9 +402,11 @@ class Store:
             fresh = set(learned)
             existing = [m for m in uncached if m[:4] not in fresh]
             if existing:
-                for vid, org, ws, tpl, pvk in await conn.fetch(
-                    SQL.VERSION_IDS, *([m[j] for m in existing] for j in range(4))
-                ):
+                with self._sql("VERSION_IDS"):
+                    known = await conn.fetch(
+                        SQL.VERSION_IDS, *([m[j] for m in existing] for j in range(4))
+                    )
+                for vid, org, ws, tpl, pvk in known:
                     learned[(org, ws, tpl, pvk)] = vid
             ids.update(learned)
             if len(ids) < len(merged):  # a row deleted between the two statements
@@ -732,7 +416,7 @@ class Store:
         merge = sorted((m for m in merged if m[:4] not in fresh), key=lambda m: ids[m[:4]])
         if merge:
             args = ([ids[m[:4]] for m in merge], *([m[j] for m in merge] for j in range(4, 9)))
-            with _encoding():
+            with _encoding(), self._sql("MERGE_VERSIONS"):
                 await conn.execute(SQL.MERGE_VERSIONS, *args)
         return inserted, learned
 
@@ -750,9 +434,10 @@ class Store:
         texts = [e.columns for e in rows]
         if fast and None not in texts:
             records = _copy_records(rows, cast(list[JsonColumns], texts), ids)
-            await conn.copy_records_to_table(
-                "prompt_results", records=records, columns=RESULT_COLUMNS
-            )
+            with self._sql("COPY_RESULTS"):
+                await conn.copy_records_to_table(
+                    "prompt_results", records=records, columns=RESULT_COLUMNS
+                )
             return None
         keys = list(ids)
         position = {key: k for k, key in enumerate(keys, start=1)}
@@ -770,9 +455,32 @@ class Store:
             b"".join([e.body for e in rows]),
         )
         if fast:
-            await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
+            with self._sql("INSERT_RESULTS_FAST"):
+                await conn.execute(SQL.INSERT_RESULTS_FAST, *args)
             return None
-        return {r[0] for r in await conn.fetch(SQL.INSERT_RESULTS, *args)}
+        with self._sql("INSERT_RESULTS"):
+            inserted = await conn.fetch(SQL.INSERT_RESULTS, *args)
+        return {r[0] for r in inserted}
+
+    def _sql(self, name: str) -> AbstractContextManager[object]:
+        """The span of one named statement (:class:`SQL`), when tracing."""
+        if self.tracer is None:
+            return nullcontext()
+        return tracing.span(
+            self.tracer,
+            tracing.SQL_PREFIX + name,
+            {"db.system.name": "postgresql", "db.query.summary": name},
+        )
+
+    def _traced(self, name: str, mode: str) -> AbstractContextManager[object]:
+        """The span of one attempt at the batch's transaction (BEGIN to COMMIT)."""
+        if self.tracer is None:
+            return nullcontext()
+        return tracing.span(
+            self.tracer,
+            tracing.SQL_PREFIX + name,
+            {"db.system.name": "postgresql", "prompter.mode": mode},
+        )
 
     def _remember(self, learned: dict[VersionKey, str]) -> None:
         if len(self._versions) + len(learned) > self._cache_size:
@@ -788,7 +496,8 @@ class Store:
         tenants = self._tenants
         unknown = {e.template_id for e in events if e.template_id not in tenants}
         if unknown:
-            rows = await conn.fetch(SQL.TEMPLATE_TENANTS, list(unknown))
+            with self._sql("TEMPLATE_TENANTS"):
+                rows = await conn.fetch(SQL.TEMPLATE_TENANTS, list(unknown))
             if len(tenants) + len(rows) > self._cache_size:
                 tenants.clear()
             for template_id, org_id, workspace_id in rows:
@@ -896,10 +605,6 @@ class _Overlay(dict[VersionKey, str]):
         if super().__contains__(key):
             return super().__getitem__(key)
         return self._base[key]
-
-
-def _is_infrastructure(exc: BaseException) -> bool:
-    return isinstance(exc, _INFRASTRUCTURE)
 
 
 def _is_data_fault(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from worker.amqp import Connection
+    from worker.amqp.protocol import Connection
 
 
 class Source:

@@ -18,11 +18,13 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker import broker, templates
+from worker import templates
+from worker.amqp import broker
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.publisher import Publisher, new_event_id
-from worker.store import classify, connect
+from worker.store.classify import classify
+from worker.store.pool import connect
 
 DEMO_ORG_ID: Final = "d3e0d3e0-0000-4000-8000-00000000000a"
 DEMO_WORKSPACE_ID: Final = "d3e0d3e0-0000-4000-8000-00000000000b"

@@ -28,8 +28,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from worker.acks import Source
-from worker.amqp import Delivery
+from worker.amqp.protocol import Delivery
+from worker.ingest.acks import Source
 
 SUSPECT_AFTER: Final = 2  # delivery_count from which a delivery is processed alone
 # Suspects are picked once none arrived for this long: the whole redelivered window is then

@@ -3,9 +3,9 @@
 ::
 
     node (first of AMQP_URL that answers) ── aiormq: declare the topology, then close
-      ├─ consumer connection (worker.amqp): channel 1 live queue, channel 2 replay queue,
+      ├─ consumer connection (worker.amqp.protocol): channel 1 live queue, channel 2 replay queue,
       │    deliveries ─► Dispatcher; acks and rejects go back on the channel they came on
-      └─ publishing connection (worker.amqp): channel 1 in confirm mode, dead-letter copies
+      └─ publishing connection (worker.amqp.protocol): channel 1 in confirm mode, dead-letter copies
 
 Consuming and publishing use separate connections, as RabbitMQ recommends: a broker
 under a resource alarm blocks the connections that publish, and a blocked consumer
@@ -36,13 +36,15 @@ import itertools
 import logging
 from typing import Any, Final
 
-from worker import amqp, broker
-from worker.acks import Source
-from worker.batching import Dispatcher
-from worker.config import Settings, mask_url
+from worker.amqp import broker
+from worker.amqp import protocol as amqp
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
+from worker.ingest.acks import Source
+from worker.ingest.batching import Dispatcher
 from worker.metrics import Health, Metrics
 from worker.retry import Backoff, Retrying
+from worker.security import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +254,7 @@ class Session:
             return
         self._allowed = allowed
         if allowed:
-            log.info("the database answers: consuming")
+            log.info("the database answers")
             self._consume_if_allowed()
         else:
             self._cancel_nowait()
@@ -292,6 +294,16 @@ class Session:
             return  # the connection is closing: the session reconnects
         self._consuming = True
         self._set_consumers(len(self.sources))
+        log.info(
+            "consuming",
+            extra={
+                "queues": [source.queue for source in self.sources],
+                "prefetch": [self._prefetch.get(source.channel) for source in self.sources],
+                "max_held_bytes": self.settings.max_held_bytes,
+                "db_pool_size": self.settings.db_pool_size,
+                "batch_size": self.settings.batch_size,
+            },
+        )
 
     def _cancel_nowait(self) -> None:
         consumer = self.consumer

@@ -4,14 +4,14 @@ Two kinds of message end up in ``prompter.ingest.dead``:
 
 - copies the worker made of events it refused, with ``x-error-reason``,
   ``x-error-detail``, ``x-failed-at``, ``x-original-routing-key`` and friends
-  (:mod:`worker.deadletter`);
+  (:mod:`worker.ingest.deadletter`);
 - messages the broker itself dead-lettered (a message over the queue's delivery limit, or
   one a worker rejected unread because its body was too large to hold), which carry
   ``x-death`` and no ``x-error-reason``.
 
 Whatever a message holds (a binary message id, header keys that are not UTF-8, a property
 list that does not parse), it is read with the worker's own connection
-(:mod:`worker.amqp`), its properties as raw bytes (:mod:`worker.frames`): it is listed
+(:mod:`worker.amqp.protocol`), its properties as raw bytes (:mod:`worker.amqp.frames`): it is listed
 (text escaped, never decoded lossily for republishing), and it can be redriven or purged by
 its key (its message id, or ``sha256:`` and the start of its body's hash when it has none).
 
@@ -45,11 +45,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from worker import amqp, broker
-from worker.config import Settings, mask_url
-from worker.deadletter import RAW_PROPERTIES_HEADER, WORKER_HEADERS
+from worker.amqp import broker
+from worker.amqp import protocol as amqp
+from worker.amqp.frames import Malformed, decode_table, encode_entries, table_entries
+from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
-from worker.frames import Malformed, decode_table, encode_entries, table_entries
+from worker.ingest.deadletter import RAW_PROPERTIES_HEADER, WORKER_HEADERS
+from worker.security import mask_url
 from worker.signals import handle_signals
 
 DEFAULT_LIST_LIMIT: Final = 1000
@@ -283,7 +285,7 @@ async def _reading(settings: Settings, name: str, prefetch: int) -> AsyncIterato
 async def _connect(
     settings: Settings, name: str, on_delivery: Callable[[amqp.Delivery], None] = lambda _: None
 ) -> amqp.Connection:
-    """The first node of AMQP_URL that answers (see :func:`worker.broker.connect`)."""
+    """The first node of AMQP_URL that answers (see :func:`worker.amqp.broker.connect`)."""
     failures = []
     for url in settings.amqp_url.split(","):
         try:

@@ -11,7 +11,7 @@ What ``prompter-worker migrate`` adds around ``alembic upgrade``:
   a lock, and holds an advisory lock for its whole run, so a second ``migrate`` started
   meanwhile (one per pod, say) waits for the first, then finds nothing to do.
 - **Compatibility records** for rolling upgrades (:func:`compat_statements`, run by
-  ``alembic/env.py`` after each step; read by :mod:`worker.schema`).
+  ``alembic/env.py`` after each step; read by :mod:`worker.store.schema`).
 - **A check of what was built** (:func:`_verify`): the schema check of the workers, and no
   index left INVALID.
 - **One line per failure** (:func:`describe_failure`): a missing privilege, a lock timeout,
@@ -36,9 +36,10 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from worker import schema
-from worker.config import asyncpg_dsn, mask_url
+from worker.config import asyncpg_dsn
 from worker.errors import ConfigError, SchemaError, WorkerError
+from worker.security import mask_url
+from worker.store import schema
 
 #: Seconds a migration statement waits for a lock before it fails (0: no limit).
 DEFAULT_LOCK_TIMEOUT: Final = 10.0
@@ -53,7 +54,7 @@ def find_alembic_ini() -> Path:
     candidates = []
     if os.environ.get("PROMPTER_ALEMBIC_INI"):
         candidates.append(Path(os.environ["PROMPTER_ALEMBIC_INI"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "alembic.ini")
+    candidates.append(Path(__file__).resolve().parents[2] / "alembic.ini")
     candidates.append(Path.cwd() / "alembic.ini")
     for path in candidates:
         if path.is_file():

@@ -22,7 +22,7 @@ not fit one frame (the broker takes a content header in one frame of ``frame_max
 bytes), the original headers are dropped and ``x-error-detail`` says so, with their size.
 
 **Publishing** (:class:`DeadLetters`) goes through the session's publishing connection
-(:meth:`worker.amqp.Connection.publish`): confirms are matched by delivery tag and returns
+(:meth:`worker.amqp.protocol.Connection.publish`): confirms are matched by delivery tag and returns
 by content, never by message id, so two refused messages with the same id (or none) are
 each confirmed or returned on their own. A copy is retried, with the one backoff policy,
 until the broker confirms it or the source delivery's channel closed (the broker then
@@ -40,15 +40,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from worker import __version__, amqp
-from worker.broker import LIVE_ROUTING_KEY
+from worker import __version__
+from worker.amqp import protocol as amqp
+from worker.amqp.broker import LIVE_ROUTING_KEY
+from worker.amqp.frames import ByteArray, Malformed, RawProperties, encode_entries
 from worker.errors import Rejection
-from worker.frames import ByteArray, Malformed, RawProperties, encode_entries
 from worker.metrics import Health, Metrics
 from worker.retry import Backoff, Retrying
 
 if TYPE_CHECKING:
-    from worker.batching import Held
+    from worker.ingest.batching import Held
 
 log = logging.getLogger(__name__)
 

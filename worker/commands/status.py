@@ -17,11 +17,13 @@ import aiormq
 import aiormq.exceptions
 import asyncpg
 
-from worker import broker, schema
-from worker.config import Settings, asyncpg_dsn, mask_url
+from worker.amqp import broker
+from worker.config import Settings, asyncpg_dsn
 from worker.errors import BrokerUnavailable, DatabaseUnavailable
-from worker.schema import SchemaState
-from worker.store import classify
+from worker.security import mask_url
+from worker.store import schema
+from worker.store.classify import classify
+from worker.store.schema import SchemaState
 
 EXACT_COUNT_BELOW: Final = 1_000_000
 TABLES: Final = ("prompt_templates", "prompt_versions", "prompt_results")

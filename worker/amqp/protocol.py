@@ -9,7 +9,7 @@ the whole connection. This connection does only what the worker needs, as an
 
 - **consuming**: deliveries are parsed straight from the socket buffer with ``struct``
   and handed to a plain callback, synchronously, in order; properties stay raw bytes
-  (:mod:`worker.frames`) and only what the hot path needs is looked at (content type and
+  (:mod:`worker.amqp.frames`) and only what the hot path needs is looked at (content type and
   encoding, the broker's delivery counters);
 - **publishing with confirms** (dead-letter copies, redrive): the message goes out with
   its original property bytes, so nothing a publisher sent is decoded and re-encoded;
@@ -17,7 +17,7 @@ the whole connection. This connection does only what the worker needs, as an
   message id (:meth:`Connection.publish`);
 - handshake (PLAIN or EXTERNAL, TLS), channels, qos, consume, cancel, ack, reject,
   heartbeats, close. Other methods are decoded and encoded with pamqp, the codec aiormq
-  uses; declaring the topology stays with aiormq (:mod:`worker.broker`).
+  uses; declaring the topology stays with aiormq (:mod:`worker.amqp.broker`).
 
 Robustness by construction: every frame's size is checked against the negotiated
 ``frame_max`` before it is buffered; content (header and body frames) is tracked per
@@ -44,7 +44,7 @@ from pamqp import frame as amqp_frame
 from pamqp import heartbeat as amqp_heartbeat
 from yarl import URL
 
-from worker.frames import Malformed, RawProperties, table_int
+from worker.amqp.frames import Malformed, RawProperties, table_int
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Delivery:
 
     @property
     def properties(self) -> RawProperties:
-        """Every property as raw bytes; raises :class:`~worker.frames.Malformed`."""
+        """Every property as raw bytes; raises :class:`~worker.amqp.frames.Malformed`."""
         return RawProperties.parse(self._header)
 
     def _method_fields(self) -> tuple[bytes, bytes]:
@@ -725,7 +725,7 @@ class Connection(asyncio.Protocol):
         mandatory: bool = True,
     ) -> asyncio.Future[None]:
         """Publish on a confirm channel (:meth:`open_publisher`): ``header`` is a content
-        header payload (:meth:`~worker.frames.RawProperties.build`), sent as is. The
+        header payload (:meth:`~worker.amqp.frames.RawProperties.build`), sent as is. The
         future resolves when the broker confirms the message, or fails with
         :class:`Returned` (no queue took it), :class:`Nacked`, or :class:`AMQPError`
         (the connection closed first: it may or may not have arrived).

@@ -8,7 +8,7 @@ Three places are looked at, each bounded, at the same time:
    ``pg_xact_commit_timestamp(xmin)``, known only when the server runs with
    ``track_commit_timestamp = on`` (otherwise the answer says so).
 2. **The dead-letter queue**: its first ``limit`` messages, looked at and handed back
-   untouched (:func:`worker.deadletters.list_dead_letters`), matched by ``message_id``,
+   untouched (:func:`worker.commands.deadletters.list_dead_letters`), matched by ``message_id``,
    which the contract makes the ``event_id``.
 3. **The live and replay queues**: their depth and consumers only. They are *not*
    browsed. Looking at a message of a quorum queue means taking it (``basic.get``) and
@@ -36,12 +36,16 @@ from typing import Any, Final
 
 import asyncpg
 
-from worker import broker, deadletters, store
-from worker.config import Settings, mask_url
-from worker.deadletters import DeadLetter
+from worker.amqp import broker
+from worker.backfill.reports import plural
+from worker.commands import deadletters
+from worker.commands.deadletters import DeadLetter
+from worker.commands.status import QueueStatus, queue_status
+from worker.config import Settings
 from worker.errors import ConfigError, WorkerError
-from worker.reports import plural
-from worker.status import QueueStatus, queue_status
+from worker.security import mask_url
+from worker.store import pool
+from worker.store.classify import classify
 
 DEFAULT_DEAD_LETTER_LIMIT: Final = 10_000
 QUERY_TIMEOUT_SECONDS: Final = 10
@@ -242,11 +246,11 @@ def _text(value: Any) -> str | None:
 
 
 async def _database(settings: Settings, event_id: str) -> StoredEvent | None:
-    async with store.connect(settings) as conn:
+    async with pool.connect(settings) as conn:
         try:
             return await find_stored(conn, event_id)
         except (asyncpg.PostgresError, OSError) as exc:
-            raise store.classify(exc) from None
+            raise classify(exc) from None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,10 +3,10 @@ at least once, acked after commit.
 
 ::
 
-    Session (worker.session) ── consumer connection ──► Dispatcher (worker.batching)
+    Session (worker.ingest.session) ── consumer connection ──► Dispatcher (worker.ingest.batching)
         │ publishing connection                           │ next_batch(): size, bytes, wait
         ▼                                                 ▼
-    dead-letter copies ◄── Pipeline (worker.pipeline): intake, decode, Store.ingest,
+    dead-letter copies ◄── Pipeline (worker.ingest.pipeline): intake, decode, Store.ingest,
                            dead-letter, settle (ack / reject / leave) ── one per pooled
                            connection, so the next batch is decoded while one commits
 
@@ -30,22 +30,29 @@ import contextlib
 import gc
 import logging
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from worker import __version__, broker, schema, store
-from worker.batching import Dispatcher
-from worker.config import Settings, mask_url
-from worker.database import DatabaseHealth
-from worker.deadletter import DeadLetters
+from worker import __version__, tracing
+from worker.amqp import broker
+from worker.config import Settings
 from worker.errors import ConfigError, SchemaError, TransientError
-from worker.metrics import Health, Metrics, MetricsServer
-from worker.pipeline import Pipeline
+from worker.ingest.batching import Dispatcher
+from worker.ingest.database import DatabaseHealth
+from worker.ingest.deadletter import DeadLetters
+from worker.ingest.pipeline import Pipeline
+from worker.ingest.session import Session
+from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
 from worker.retry import Backoff
-from worker.session import Session
+from worker.security import mask_url
 from worker.signals import handle_signals
-from worker.store import Store
+from worker.store import schema
+from worker.store.ingest import Store
+from worker.store.pool import create_pool
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +60,13 @@ log = logging.getLogger(__name__)
 class Worker:
     """``prompter-worker run``: consume, batch, store, dead-letter, ack; until stopped."""
 
-    def __init__(self, settings: Settings, *, name: str = "prompter-worker") -> None:
+    def __init__(
+        self, settings: Settings, *, name: str = "prompter-worker", tracer: Tracer | None = None
+    ) -> None:
         self.settings = settings
         self.name = name
+        # Spans when tracing is on (worker.tracing): given, or the process's own.
+        self.tracer = tracer if tracer is not None else tracing.current()
         self.metrics = Metrics()
         self.health = Health()
         self.dispatcher = Dispatcher(
@@ -192,6 +203,7 @@ class Worker:
             database=self.database,
             metrics=self.metrics,
             forced=self.forced,
+            tracer=self.tracer,
         )
         await self.session.allow(True)
         side = [
@@ -199,6 +211,8 @@ class Worker:
             asyncio.create_task(self.database.probe(self.stopping), name="db-probe"),
             tick,
         ]
+        if s.log_summary_seconds > 0:
+            side.append(asyncio.create_task(self._summarize(), name="summary"))
         processors = [
             asyncio.create_task(self._processor(pipeline), name=f"processor-{i}")
             for i in range(s.db_pool_size)
@@ -242,7 +256,7 @@ class Worker:
                         await self.stopping.wait()
                 attempt += 1
                 continue
-            self.store = Store(self.pool)
+            self.store = Store(self.pool, tracer=self.tracer)
             self.database.pool = self.pool
             await self.database.succeeded()
             return True
@@ -251,7 +265,7 @@ class Worker:
     async def _open_pool(self) -> asyncpg.Pool:
         """The schema checked (a SchemaError stops the worker: exit 2), then the pool."""
         await schema.require_database(self.settings)
-        return await store.create_pool(
+        return await create_pool(
             self.settings.database_url,
             min_size=1,
             max_size=self.settings.db_pool_size + 1,  # one spare for the probe
@@ -275,6 +289,27 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self.stopping.wait()
+
+    async def _summarize(self) -> None:
+        """Every PROMPTER_LOG_SUMMARY_SECONDS, one line of what happened, from the
+        metrics' counters (:meth:`Metrics.totals`); nothing when nothing happened. The
+        last stretch is summarized when the worker closes (this task is cancelled)."""
+        clock = asyncio.get_running_loop().time
+        before = self.metrics.totals(clock())
+        try:
+            while True:
+                await asyncio.sleep(self.settings.log_summary_seconds)
+                before = self._summary(before, clock())
+        finally:
+            self._summary(before, clock())
+
+    def _summary(self, before: Totals, now: float) -> Totals:
+        totals = self.metrics.totals(now)
+        fields = totals.since(before)
+        if fields is not None:
+            fields["held"] = sum(s.held for s in self.session.sources)
+            log.info(summary_text(fields), extra=fields)
+        return totals
 
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -340,7 +375,10 @@ def run(settings: Settings) -> int:
     """Run a worker to completion in a fresh event loop (uvloop where installed: about a
     sixth less CPU per message, bench/README.md); the process exit code."""
     try:
-        import uvloop  # noqa: PLC0415 - optional: absent on Windows
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        return asyncio.run(Worker(settings).run())
-    return uvloop.run(Worker(settings).run())
+        try:
+            import uvloop  # noqa: PLC0415 - optional: absent on Windows
+        except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+            return asyncio.run(Worker(settings).run())
+        return uvloop.run(Worker(settings).run())
+    finally:
+        tracing.flush()  # the last batches' spans, before the process exits

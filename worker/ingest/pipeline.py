@@ -12,13 +12,13 @@
                ─► decode + validate (worker.events)     ─► the contract's reasons
                ─► Store.ingest, one transaction          ─► unknown_template, ...
                     (retried while the database fails; consumers held meanwhile)
-               ─► dead-letter copies, confirmed (worker.deadletter)
+               ─► dead-letter copies, confirmed (worker.ingest.deadletter)
                ─► settle: ack what is committed or dead-lettered, reject what is refused
                   unread, leave the rest unacked (its channel closed: the broker
                   redelivers it)
 
 Every delivery of a batch ends in exactly one of those three. The delivery limit is
-counted by the worker itself, from the broker's counters (``worker.amqp.Delivery``):
+counted by the worker itself, from the broker's counters (``worker.amqp.protocol.Delivery``):
 RabbitMQ before 4.3 counts every return in ``x-delivery-count`` and dead-letters a message
 returned more than the queue's ``x-delivery-limit`` times; 4.3 and later count only
 explicit failures there and every acquisition in ``x-acquired-count``, so a message that
@@ -33,20 +33,25 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from worker import events, store
-from worker.acks import Source
-from worker.amqp import AMQPError, Delivery
-from worker.batching import Dispatcher, Held
+from worker import events, tracing
+from worker.amqp.frames import Malformed
+from worker.amqp.protocol import AMQPError, Delivery
 from worker.config import Settings
-from worker.database import DatabaseHealth
-from worker.deadletter import DeadLetters
 from worker.errors import Rejection, TransientError
 from worker.events import Event
-from worker.frames import Malformed
+from worker.ingest.acks import Source
+from worker.ingest.batching import Dispatcher, Held
+from worker.ingest.database import DatabaseHealth
+from worker.ingest.deadletter import DeadLetters
+from worker.ingest.session import Session
 from worker.metrics import Metrics
 from worker.retry import Backoff
-from worker.session import Session
+from worker.store import ingest as store
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,11 @@ class Pipeline:
         database: DatabaseHealth,
         metrics: Metrics,
         forced: asyncio.Event,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer  # None: tracing off, no span and no header read
+        self._link_limit = tracing.link_limit()
         self.store = store
         self.session = session
         self.dispatcher = dispatcher
@@ -77,6 +85,31 @@ class Pipeline:
         self.backoff = Backoff(cap=settings.retry_max_seconds)
 
     async def process(self, batch: list[Held]) -> None:
+        if self.tracer is None:
+            await self._process(batch, None)
+            return
+        from opentelemetry.trace import SpanKind  # noqa: PLC0415 - tracing is on
+
+        queues = sorted({h.source.queue for h in batch})
+        links = tracing.links((h.delivery.header for h in batch), self._link_limit)
+        with self.tracer.start_as_current_span(
+            tracing.BATCH,
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": ",".join(queues),
+                "messaging.batch.message_count": len(batch),
+                "prompter.links": len(links),
+            },
+            record_exception=False,  # an exception's message may quote the data
+            set_status_on_exception=False,
+        ) as span:
+            await self._process(batch, span)
+
+    async def _process(self, batch: list[Held], span: Span | None) -> None:
         now = datetime.now(UTC)
         valid: list[Event] = []
         valid_at: list[int] = []
@@ -91,9 +124,14 @@ class Pipeline:
                 valid_at.append(i)
             else:
                 rejected.append((i, verdict))
-        result = await self._ingest(valid, batch) if valid else store.IngestResult(outcomes=[])
-        if result is None:  # abandoned: its channels closed, or a forced stop
+        ingested = (
+            await self._ingest(valid, batch) if valid else (store.IngestResult(outcomes=[]), 0.0)
+        )
+        if ingested is None:  # abandoned: its channels closed, or a forced stop
+            if span is not None:
+                span.set_attribute("prompter.abandoned", True)
             return
+        result, commit_seconds = ingested
         stored = duplicates = 0
         oldest: float | None = None
         for j, outcome in enumerate(result.outcomes):
@@ -105,7 +143,12 @@ class Pipeline:
                 duplicates += 1
             else:
                 rejected.append((valid_at[j], outcome))
-        unconfirmed = await self.dead_letters.publish(batch, rejected) if rejected else set()
+        unconfirmed: set[int] = set()
+        if rejected:
+            with tracing.span(
+                self.tracer, tracing.DEAD_LETTER, {"prompter.rejected": len(rejected)}
+            ):
+                unconfirmed = await self.dead_letters.publish(batch, rejected)
         self.settle(batch, skip=unconfirmed, unread=unread)
         m = self.metrics
         m.batches.inc()
@@ -116,10 +159,26 @@ class Pipeline:
             m.duplicates.inc(duplicates)
         if oldest is not None:
             m.lag_seconds.observe(max(time.time() - oldest, 0.0))
-        self.session.adapt_prefetch([h.delivery.size for h in batch])
+        sizes = [h.delivery.size for h in batch]
+        m.bytes.inc(sum(sizes))
+        self.session.adapt_prefetch(sizes)
+        if span is not None:
+            span.set_attributes(
+                {
+                    "prompter.events": len(valid),
+                    "prompter.bytes": sum(sizes),
+                    "prompter.stored": stored,
+                    "prompter.duplicates": duplicates,
+                    "prompter.rejected": len(rejected) + len(unread),
+                    "prompter.commit_seconds": commit_seconds,
+                }
+            )
 
-    async def _ingest(self, valid: list[Event], batch: list[Held]) -> store.IngestResult | None:
-        """Ingest, retrying transient faults; None if the batch was abandoned."""
+    async def _ingest(
+        self, valid: list[Event], batch: list[Held]
+    ) -> tuple[store.IngestResult, float] | None:
+        """Ingest, retrying transient faults: the result and the seconds its transaction
+        took; None if the batch was abandoned."""
         attempt = 0
         while True:
             if all(not h.source.open for h in batch):
@@ -128,7 +187,7 @@ class Pipeline:
             try:
                 result = await self.store.ingest(valid)
             except TransientError as exc:
-                await self.database.failed(exc)
+                await self.database.failed(exc, batch=len(batch), attempt=attempt + 1)
                 if self.forced.is_set():
                     return None
                 try:
@@ -138,9 +197,10 @@ class Pipeline:
                 except TimeoutError:
                     attempt += 1
                     continue
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            took = time.perf_counter() - started
+            self.metrics.commit_seconds.observe(took)
             await self.database.succeeded()
-            return result
+            return result, took
 
     def settle(self, batch: list[Held], *, skip: set[int], unread: set[int]) -> None:
         """The ack decision: ack every delivery of ``batch`` but those in ``skip`` (left
