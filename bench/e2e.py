@@ -90,21 +90,27 @@ async def topology() -> AsyncIterator[Names]:
 async def prefill(
     names: Names, bodies: Sequence[bytes], *, routing_key: str = broker.LIVE_ROUTING_KEY
 ) -> None:
-    """Publish persistent messages with confirms, many outstanding at once."""
+    """Publish persistent messages with confirms, many outstanding at once: up to 2,000
+    messages or 32 MiB of bodies, whichever comes first."""
     connection = await aiormq.connect(AMQP_URL)
     try:
         channel = await connection.channel(publisher_confirms=True)
         props = spec.Basic.Properties(delivery_mode=2, content_type="application/json")
-        window = 2000
-        for i in range(0, len(bodies), window):
+        i = 0
+        while i < len(bodies):
+            end, held = i, 0
+            while end < len(bodies) and end - i < 2000 and (held < 32 * 2**20 or end == i):
+                held += len(bodies[end])
+                end += 1
             await asyncio.gather(
                 *(
                     channel.basic_publish(
                         b, exchange=names.exchange, routing_key=routing_key, properties=props
                     )
-                    for b in bodies[i : i + window]
+                    for b in bodies[i:end]
                 )
             )
+            i = end
     finally:
         await connection.close()
 
@@ -441,24 +447,28 @@ def _now_iso() -> str:
 
 
 async def peak_rss(url: str, bodies: list[bytes], backlog: int) -> dict[str, float]:
-    """Peak RSS of the worker draining a backlog of ``backlog`` events (the data set
-    repeated with fresh ids), with its drain rate."""
+    """Peak RSS of the worker (default settings) draining a backlog of ``backlog`` events
+    (the data set repeated with fresh ids), with its drain rate and the backlog's bytes."""
     await truncate(url)
+    total = 0
     async with topology() as names:
-        chunk = 20_000
         published = 0
         while published < backlog:
-            part = []
-            for i in range(min(chunk, backlog - published)):
-                doc = orjson.loads(bodies[(published + i) % len(bodies)])
+            part: list[bytes] = []
+            held = 0
+            while published + len(part) < backlog and len(part) < 20_000 and held < 2**28:
+                doc = orjson.loads(bodies[(published + len(part)) % len(bodies)])
                 doc["event_id"] = str(uuid.uuid4())
                 part.append(orjson.dumps(doc))
+                held += len(part[-1])
             await prefill(names, part)
             published += len(part)
-            print(f"  backlog {published:,}/{backlog:,}", flush=True)
+            total += held
+            print(f"  backlog {published:,}/{backlog:,} ({total / 2**20:,.0f} MiB)", flush=True)
         w = await drain_with_worker(names, url, backlog)
     return {
         "events": backlog,
+        "backlog_bytes": total,
         "peak_rss_bytes": w.peak_rss_bytes,
         "events_per_second": w.events / w.seconds,
     }

@@ -1,5 +1,6 @@
 """The benchmark report: a markdown table with the ratios and targets, the raw numbers as
-JSON, and a plot (throughput by batch size, latency percentiles)."""
+JSON, and plots (throughput by batch size and latency percentiles; MB/s by event size;
+ingest rate by table size)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,12 @@ matplotlib.use("Agg")  # files only, no display: before pyplot is imported
 
 import matplotlib.pyplot as plt
 
-from bench import e2e, ingest, publish
+from bench import e2e, growth, ingest, publish, sizes, toast
 from bench.harness import Series
+
+#: Peak RSS targets: on ~2.3 KB events (issue 2), and on every mix and backlog (issue 14).
+RSS_TARGET_MIB = 150
+LARGE_RSS_TARGET_MIB = 256
 
 
 @dataclass
@@ -46,6 +51,10 @@ class Results:
     sweep: dict[int, float] = field(default_factory=dict)
     variants: dict[str, tuple[float, float]] = field(default_factory=dict)
     wait_latency: dict[int, list[float]] = field(default_factory=dict)
+    size_runs: dict[str, sizes.SizeRun] = field(default_factory=dict)
+    large_rss: dict[str, dict[str, float]] = field(default_factory=dict)
+    growth_run: growth.Growth | None = None
+    toast_run: toast.Toast | None = None
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -83,7 +92,12 @@ def _check(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def markdown(r: Results, plot_name: str | None) -> str:
+def markdown(
+    r: Results,
+    plot_name: str | None,
+    sizes_plot: str | None = None,
+    growth_plot: str | None = None,
+) -> str:
     v = _versions()
     lines = [
         f"# prompter-worker benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
@@ -156,7 +170,7 @@ def markdown(r: Results, plot_name: str | None) -> str:
             "",
             f"Peak RSS of the worker draining a backlog of {int(r.rss_runs[0]['events']):,} "
             f"events: **{mb:.0f} MiB** ({min(mbs):.0f} - {max(mbs):.0f} over {len(mbs)} runs; "
-            f"target <= 150 MiB: {_check(max(mbs) <= 150)}), at "
+            f"target <= {RSS_TARGET_MIB} MiB: {_check(max(mbs) <= RSS_TARGET_MIB)}), at "
             f"{statistics.median(rates):,.0f} events/s.",
             "",
         ]
@@ -195,7 +209,88 @@ def markdown(r: Results, plot_name: str | None) -> str:
         lines.append("")
     if plot_name:
         lines += [f"![throughput by batch size, latency percentiles]({plot_name})", ""]
+    if r.size_runs:
+        lines += ["## Events/s and MB/s by event size", "", sizes.report(r.size_runs, sizes_plot)]
+    if r.large_rss:
+        lines += [
+            "## Memory on large events",
+            "",
+            "Peak RSS (`VmHWM`) of `prompter-worker run`, default settings, draining a "
+            "pre-filled queue.",
+            "",
+            "| backlog | events | bytes | peak RSS | drain events/s | MB/s | target "
+            f"<= {LARGE_RSS_TARGET_MIB} MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, run in r.large_rss.items():
+            mib = run["peak_rss_bytes"] / 2**20
+            mbps = run["events_per_second"] * run["backlog_bytes"] / run["events"] / 1e6
+            lines.append(
+                f"| {name} | {int(run['events']):,} | {run['backlog_bytes'] / 2**30:,.2f} GiB | "
+                f"{mib:,.0f} MiB | {run['events_per_second']:,.0f} | {mbps:,.1f} | "
+                f"{_check(mib <= LARGE_RSS_TARGET_MIB)} |"
+            )
+        lines.append("")
+    if r.growth_run is not None:
+        lines += ["## Ingest as the table grows", "", growth.report(r.growth_run, growth_plot)]
+    if r.toast_run is not None:
+        lines += ["## TOAST compression: pglz vs lz4", "", toast.report(r.toast_run)]
     return "\n".join(lines)
+
+
+def plot_sizes(runs: dict[str, sizes.SizeRun], path: Path) -> None:
+    """MB/s of each contender by data set, the data sets by mean body size."""
+    ordered = sorted(runs.values(), key=lambda x: x.mean_bytes)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.27
+    for k, contender in enumerate(sizes.CONTENDERS):
+        ax.bar(
+            [i + (k - 1) * width for i in range(len(ordered))],
+            [x.mbps(contender) for x in ordered],
+            width,
+            label=contender,
+        )
+    ax.set_xticks(
+        range(len(ordered)),
+        [f"{x.name}\n(mean {x.mean_bytes / 1024:,.0f} KiB)" for x in ordered],
+    )
+    ax.set_ylabel("MB/s of event bodies (median)")
+    ax.set_title("Throughput by event size")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_growth(g: growth.Growth, path: Path) -> None:
+    """Ingest rate per slice against the rows in the table, one line per id kind (left);
+    each kind's rate over the empty table's measured alongside (right): the machine's
+    drift cancels out of the ratio."""
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for kind, rates in g.rates.items():
+        name = f"{kind} ids" if kind != growth.EMPTY else "empty table (v7), same moment"
+        style = "--" if kind == growth.EMPTY else "-"
+        ax.plot([x / 1e6 for x in g.rows(kind)], rates, style, marker="o", label=name)
+        if kind != growth.EMPTY and g.rates.get(growth.EMPTY):
+            ratios = [g.vs_empty(kind, i) for i in range(len(rates))]
+            rx.plot([x / 1e6 for x in g.rows(kind)], ratios, marker="o", label=f"{kind} ids")
+    ax.set_xlabel("rows in prompt_results at the end of the slice (millions)")
+    ax.set_ylabel(f"events/s over the slice of {g.slice_rows:,}")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Store.ingest rate as the table grows")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    rx.axhline(0.9, color="red", linestyle="--", label="target for v7: 0.9")
+    rx.set_xlabel("rows in prompt_results at the end of the slice (millions)")
+    rx.set_ylabel("rate / empty table's rate at the same moment")
+    rx.set_ylim(0, 1.4)
+    rx.set_title("Relative to an empty table")
+    rx.legend()
+    rx.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(r: Results, path: Path) -> bool:
@@ -232,8 +327,22 @@ def write(r: Results, out: Path) -> Path:
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{socket.gethostname()}"
     png = out / f"{stem}.png"
     has_plot = plot(r, png)
+    sizes_png = growth_png = None
+    if r.size_runs:
+        sizes_png = out / f"{stem}-sizes.png"
+        plot_sizes(r.size_runs, sizes_png)
+    if r.growth_run is not None and r.growth_run.rates:
+        growth_png = out / f"{stem}-growth.png"
+        plot_growth(r.growth_run, growth_png)
     md = out / f"{stem}.md"
-    md.write_text(markdown(r, png.name if has_plot else None))
+    md.write_text(
+        markdown(
+            r,
+            png.name if has_plot else None,
+            sizes_png.name if sizes_png else None,
+            growth_png.name if growth_png else None,
+        )
+    )
     raw: dict[str, Any] = {
         "events": r.events,
         "event_bytes": r.event_bytes,
@@ -265,6 +374,10 @@ def write(r: Results, out: Path) -> Path:
             str(w): {"p50": percentile(lat, 50), "p99": percentile(lat, 99)}
             for w, lat in r.wait_latency.items()
         },
+        "sizes": {k: v.as_dict() for k, v in r.size_runs.items()},
+        "large_rss": r.large_rss,
+        "growth": r.growth_run.as_dict() if r.growth_run is not None else None,
+        "toast": r.toast_run.as_dict() if r.toast_run is not None else None,
         "versions": _versions(),
     }
     (out / f"{stem}.json").write_text(json.dumps(raw, indent=2))

@@ -1,4 +1,5 @@
-"""The benchmark still runs: `python -m bench --quick` end to end (a smoke test, no timing)."""
+"""The benchmark still runs: `python -m bench --quick` end to end (a smoke test, no timing),
+the parts on ~2.3 KB events and those on production-sized events each in a run of its own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.__main__ import LARGE_PARTS, PARTS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,7 +20,7 @@ def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     """Every part runs against the local servers and the report, its JSON and its plot are
     written (the numbers of a quick run mean nothing, so none is asserted)."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", "--only", *PARTS, "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -46,3 +49,47 @@ def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert data["latency"]["runs"][0]["count"] > 0
     assert data["rss"][0]["peak_rss_bytes"] > 0
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(300)  # the production-sized parts, small: under a minute when quiet
+def test_quick_benchmark_of_large_events_writes_its_report(tmp_path: Path) -> None:
+    """The production-sized parts run (sizes with MB/s beside the bare consumer and COPY,
+    peak RSS on backlogs of the mix and of 1 MiB events, growth v4 vs v7, pglz vs lz4) and
+    their sections, raw numbers and two plots are written."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", *LARGE_PARTS, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [md] = tmp_path.glob("*.md")
+    [raw] = tmp_path.glob("*.json")
+    text = md.read_text()
+    for section in (
+        "## Events/s and MB/s by event size",
+        "Target: worker MB/s on the mix >= 0.7x COPY's",
+        "## Memory on large events",
+        "## Ingest as the table grows",
+        "## TOAST compression: pglz vs lz4",
+    ):
+        assert section in text, section
+    data = json.loads(raw.read_text())
+    assert set(data["sizes"]) == {"mix", "2 KiB", "64 KiB", "1 MiB"}
+    for name, run in data["sizes"].items():
+        assert all(v > 0 for v in run["mb_per_second"].values()), name
+    assert {k: v["peak_rss_bytes"] > 0 for k, v in data["large_rss"].items()} == {
+        "mix": True,
+        "1 MiB": True,
+    }
+    assert {k: len(v) for k, v in data["growth"]["rates"].items()} == {
+        "v4": 2,
+        "v7": 2,
+        "empty": 2,
+    }
+    assert set(data["toast"]["bytes_per_event"]) == {"pglz", "lz4"}
+    for png in ("sizes", "growth"):
+        [path] = tmp_path.glob(f"*-{png}.png")
+        assert path.stat().st_size > 10_000

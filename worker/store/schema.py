@@ -49,7 +49,12 @@ log = logging.getLogger(__name__)
 
 #: prompter's own history, oldest first; the last one is the head this worker is built for.
 #: ``tests/test_schema.py`` checks it against ``alembic/versions``: a new revision goes here.
-REVISIONS: Final = ("20250814141329", "20261124090000", "20261201090000")
+REVISIONS: Final = (
+    "20250814141329",
+    "20261124090000",
+    "20261201090000",
+    "20261202090000",
+)
 HEAD: Final = REVISIONS[-1]
 
 #: prompter's own Alembic version table, beside any application's ``alembic_version``.
