@@ -353,6 +353,9 @@ async def test_redrive_consumes_with_a_prefetch(settings: Settings) -> None:
     await wait_until(lambda: _depth_is(settings.dead_letter_queue, 20_000), message="filled")
     report = await deadletters.redrive(settings, deadletters.Selection())
     assert (len(report.redriven), report.error) == (20_000, None)
-    assert await queue_depth(settings.dead_letter_queue) == 0
+    # Every ack was sent before the connection closed; a quorum queue applies them through
+    # its log, and under load a depth asked for at once has been seen lagging (62 of
+    # 20,000 in one CI run). An ack lost would leave the copy ready for good: this fails.
+    await wait_until(lambda: _depth_is(settings.dead_letter_queue, 0), within=30, message="empty")
     assert await queue_depth(settings.queue) == 20_000
     print(f"redrive: {len(report.redriven) / report.elapsed:,.0f} messages/s")
