@@ -130,16 +130,7 @@ def make_events(n: int, tpls: list[Template], seed: int = 2, versions: int = 5) 
         prompt_tokens = rng.randrange(50, 400)
         completion_tokens = rng.randrange(100, 500)
         doc = {
-            "event_id": _uuid(rng),
-            "occurred_at": (START + step * i).isoformat().replace("+00:00", "Z"),
-            "org_id": t.org_id,
-            "workspace_id": t.workspace_id,
-            "template_id": t.template_id,
-            "provider": t.provider,
-            "provider_version_key": f"{t.model_id}-2025-0{v + 1}-01",
-            "model_id": t.model_id,
-            "system_fingerprint": f"fp_{v:02d}{rng.getrandbits(24):06x}",
-            "fingerprint_captured_at": None,
+            **_identity(rng, t, v, START + step * i),
             "request": {
                 "model": t.model_id,
                 "messages": [
@@ -251,6 +242,22 @@ def _corpus(rng: random.Random, chars: int) -> str:
     return "".join(out)
 
 
+def _identity(rng: random.Random, t: Template, v: int, at: datetime) -> dict[str, Any]:
+    """An event's ids, time, provider and version: every field but the JSON columns."""
+    return {
+        "event_id": _uuid(rng),
+        "occurred_at": at.isoformat().replace("+00:00", "Z"),
+        "org_id": t.org_id,
+        "workspace_id": t.workspace_id,
+        "template_id": t.template_id,
+        "provider": t.provider,
+        "provider_version_key": f"{t.model_id}-2025-0{v + 1}-01",
+        "model_id": t.model_id,
+        "system_fingerprint": f"fp_{v:02d}{rng.getrandbits(24):06x}",
+        "fingerprint_captured_at": None,
+    }
+
+
 class SizedEvents:
     """Event bodies of chosen sizes: the usual envelope, a request holding a user message
     (the prompt with its retrieved documents, two thirds of the text) and a response (a
@@ -274,16 +281,7 @@ class SizedEvents:
             t = self._tpls[rng.randrange(len(self._tpls))]
             v = rng.randrange(versions)
             doc: dict[str, Any] = {
-                "event_id": _uuid(rng),
-                "occurred_at": (START + step * i).isoformat().replace("+00:00", "Z"),
-                "org_id": t.org_id,
-                "workspace_id": t.workspace_id,
-                "template_id": t.template_id,
-                "provider": t.provider,
-                "provider_version_key": f"{t.model_id}-2025-0{v + 1}-01",
-                "model_id": t.model_id,
-                "system_fingerprint": f"fp_{v:02d}{rng.getrandbits(24):06x}",
-                "fingerprint_captured_at": None,
+                **_identity(rng, t, v, START + step * i),
                 "request": {
                     "model": t.model_id,
                     "messages": [
