@@ -87,6 +87,15 @@ def test_each_kind_of_setting_says_what_is_wrong(variable: str, raw: str, says: 
     assert "PROMPTER_PREFETCH (--prefetch): -1 is not in the range" in str(caught.value)
 
 
+@pytest.mark.parametrize("raw", ["nan", "NaN", "-nan"])
+def test_a_number_that_is_not_a_number_is_refused(raw: str) -> None:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    with pytest.raises(
+        ConfigError, match=r"RETRY_MAX_SECONDS \(--retry-max-seconds\): .*not a number"
+    ):
+        Settings.from_env({"PROMPTER_RETRY_MAX_SECONDS": raw})
+
+
 @pytest.mark.parametrize(("raw", "value"), [("on", True), (" TRUE ", True), ("0", False)])
 def test_booleans_read_as_the_flags_read_them(raw: str, value: bool) -> None:
     assert Settings.from_env({"PROMPTER_DECLARE": raw}).declare is value

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,7 +55,15 @@ def _int_range(low: int, high: int) -> Parser:
 
 
 def _float_range(low: float, high: float) -> Parser:
-    return _typed(click.FLOAT, click.FloatRange(low, high))
+    within = _typed(click.FLOAT, click.FloatRange(low, high))
+
+    def parse(raw: str) -> float:
+        value: float = within(raw)
+        if math.isnan(value):  # FloatRange lets NaN through: every comparison with it is false
+            raise ValueError(f"{raw.strip()!r} is not a number")
+        return value
+
+    return parse
 
 
 _bool: Final = _typed(click.BOOL)
