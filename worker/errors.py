@@ -23,8 +23,15 @@
         └── BrokerUnavailable    the broker connection or channel is gone
 
 Rejections are permanent and belong to one event; transient errors belong to the batch and
-never turn into rejections. :func:`worker.store.ingest.classify` maps asyncpg exceptions onto this
-tree by SQLSTATE and exception type.
+never turn into rejections. :func:`worker.store.classify.classify` maps asyncpg exceptions onto
+this tree by SQLSTATE and exception type; :mod:`worker.retry` is the one policy that retries
+what is transient.
+
+``UnroutableError`` and ``PublishError`` are permanent for a *publisher*: the same message to
+the same topology fails the same way, and the caller decides. The worker's own dead-letter
+copy is the exception it cannot hand to anyone: a copy returned or nacked means the
+dead-letter queue is missing or full, which is the operator's to fix, so the worker retries
+it with the same policy (and says so in readiness) rather than lose the rejected event.
 """
 
 from __future__ import annotations
