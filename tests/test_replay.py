@@ -8,7 +8,7 @@ import gzip
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiormq.exceptions
@@ -26,10 +26,11 @@ from worker.backfill.options import ReplayOptions
 from worker.backfill.reports import render
 from worker.backfill.sinks import BrokerSink
 from worker.config import Settings
-from worker.errors import ConfigError, InputError
+from worker.errors import ConfigError, DatabaseError, DatabaseUnavailable, InputError
+from worker.events import Event
 from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.store.ingest import Store
+from worker.store.ingest import IngestResult, Store
 from worker.store.pool import create_pool
 
 
@@ -450,6 +451,34 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
     assert second.files[0].resumed_after == line
     assert await count(conn) == n
     assert not (tmp_path / "rejects").exists()
+
+
+async def test_direct_backfill_retries_transient_database_faults(
+    settings: Settings, conn: asyncpg.Connection, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A transient fault, a DatabaseError (a table missing while a migration runs) as much
+    as a lost connection, is retried with the one policy (worker.retry), as the worker
+    retries it: the run completes and every event is stored once."""
+    tenant = await make_tenant(conn)
+    path = write_jsonl(tmp_path / "h.jsonl", history(tenant, 30))
+    faults: list[Exception] = [DatabaseError("relation missing"), DatabaseUnavailable("down")]
+
+    class Flaky(Store):
+        async def ingest(self, events: Sequence[Event]) -> IngestResult:
+            if faults:
+                raise faults.pop(0)
+            return await super().ingest(events)
+
+    options = ReplayOptions(paths=[str(path)], mode="direct", batch_size=10, concurrency=1)
+    report = await replay.replay_files(
+        options,
+        replay.direct_sink(Flaky(pool), settings, options),
+        max_bytes=settings.max_event_bytes,
+    )
+    assert report.ok, render(report)
+    assert not faults
+    assert sum(f.stored for f in report.files) == 30
+    assert await count(conn) == 30
 
 
 async def test_direct_backfill_without_the_schema_is_a_clear_error(

@@ -7,7 +7,7 @@
 - :class:`DirectSink` (``replay --direct``): events in batches to
   :meth:`Store.ingest <worker.store.ingest.Store.ingest>`, ``concurrency`` transactions at
   a time; a line settles when its batch commits (stored, a duplicate, or refused by the
-  store). A lost database or a conflict is retried with backoff (:mod:`worker.retry`),
+  store). A transient database fault is retried with the one policy (:mod:`worker.retry`),
   up to :data:`DIRECT_ATTEMPTS` tries of the batch, then stops the run.
 
 A sink reports a failure that must stop the run by raising a
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from worker import tracing
-from worker.errors import DatabaseConflict, DatabaseUnavailable, Rejection
+from worker.errors import Rejection, TransientError
 from worker.events import Event
 from worker.publisher import Prepared, Publisher
 from worker.retry import Backoff
@@ -177,14 +177,14 @@ class DirectSink:
             try:
                 result = await self.store.ingest(events)
                 break
-            except (DatabaseUnavailable, DatabaseConflict) as exc:
+            except TransientError as exc:  # retried, as everywhere (worker.retry)
                 attempt += 1
                 if attempt >= DIRECT_ATTEMPTS or run.stop.is_set() or run.failure:
                     file.report.unconfirmed += len(batch)
                     run.fail(exc)
                     return
                 await asyncio.sleep(self.backoff.delay(attempt + 1))
-            except Exception as exc:  # not worth retrying: a missing table, say
+            except Exception as exc:  # permanent: a bug, or what no retry would change
                 file.report.unconfirmed += len(batch)
                 run.fail(exc)
                 return
