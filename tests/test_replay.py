@@ -15,6 +15,7 @@ import aiormq.exceptions
 import asyncpg
 import orjson
 import pytest
+from tqdm import tqdm
 
 from tests.conftest import own_database
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
@@ -514,3 +515,30 @@ async def test_the_progress_bar_ends_at_the_size_of_the_files(
     assert shown, err[-500:]
     done, total = shown[-1]
     assert done == total
+
+
+async def test_the_direct_progress_bar_ends_at_the_size_of_its_one_file(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """(issue 15) ``replay --direct --rate 4000`` on one file: the bar ends at the file's
+    size, its total still shown (a 52.9 MB file used to end at "106MB": the finished file
+    was counted twice, past the total, which tqdm then stops showing)."""
+    tenant = await make_tenant(conn)
+    path = write_jsonl(tmp_path / "h.jsonl", history(tenant, 400))
+    options = ReplayOptions(paths=[str(path)], mode="direct", rate=4000, progress=True)
+    report = await replay.replay_files(
+        options,
+        replay.direct_sink(Store(pool), settings, options),
+        max_bytes=settings.max_event_bytes,
+    )
+    assert report.ok, render(report)
+    assert sum(f.stored for f in report.files) == 400
+    err = capsys.readouterr().err
+    shown = re.findall(r"\|\s*([\d.]+[kMG]?B?)/([\d.]+[kMG]?B?)", err)
+    assert shown, err[-500:]
+    size = tqdm.format_sizeof(path.stat().st_size, divisor=1024)
+    assert tuple(s.removesuffix("B") for s in shown[-1]) == (size, size)
