@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiormq.exceptions
 import asyncpg
 import orjson
 import pytest
+from tqdm import tqdm
 
 from tests.conftest import own_database
 from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
@@ -22,12 +23,15 @@ from tests.helpers import close_connections_named, count, drain, queue_depth, ru
 from worker.amqp import broker
 from worker.backfill import pacing, replay
 from worker.backfill.checkpoint import Checkpoint
+from worker.backfill.options import ReplayOptions
 from worker.backfill.reports import render
+from worker.backfill.sinks import BrokerSink
 from worker.config import Settings
-from worker.errors import ConfigError, InputError
+from worker.errors import ConfigError, DatabaseError, DatabaseUnavailable, InputError
+from worker.events import Event
 from worker.ingest.worker import Worker
 from worker.publisher import Publisher
-from worker.store.ingest import Store
+from worker.store.ingest import IngestResult, Store
 from worker.store.pool import create_pool
 
 
@@ -59,9 +63,7 @@ async def test_replaying_one_file_twice_stores_each_event_once(
     path = write_jsonl(tmp_path / "history.jsonl.gz", lines, compress=True)
     async with running(Worker(settings)):
         for _ in range(2):
-            report = await replay.run_broker(
-                settings, [str(path)], mode="replay", routing_key=broker.REPLAY_ROUTING_KEY
-            )
+            report = await replay.run(settings, ReplayOptions(paths=[str(path)], mode="replay"))
             assert report.ok, render(report)
             assert report.confirmed == 400
         await wait_until(lambda: _rows(conn, 400), message="400 rows")
@@ -100,12 +102,8 @@ async def test_invalid_lines_are_reported_with_their_numbers_and_never_published
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
     rejects = tmp_path / "rejects.jsonl"
-    report = await replay.run_broker(
-        settings,
-        [str(path)],
-        mode="publish",
-        routing_key=broker.LIVE_ROUTING_KEY,
-        rejects_path=str(rejects),
+    report = await replay.run(
+        settings, ReplayOptions(paths=[str(path)], mode="publish", rejects_path=str(rejects))
     )
     assert not report.ok
     assert report.confirmed == 30
@@ -141,12 +139,14 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
     stop = pacing.Stop()
     async with Publisher.from_settings(settings) as publisher:
         run = asyncio.create_task(
-            replay.publish_files(
-                [str(path)],
-                publisher,
+            replay.replay_files(
+                ReplayOptions(
+                    paths=[str(path)],
+                    rate=300,  # 4 s in all: a checkpoint is saved every second
+                    checkpoint_path=str(checkpoint),
+                ),
+                BrokerSink(publisher, routing_key=broker.REPLAY_ROUTING_KEY),
                 max_bytes=settings.max_event_bytes,
-                rate=300,  # 4 s in all: a checkpoint is saved every second
-                checkpoint=Checkpoint(str(checkpoint)),
                 stop=stop,
             )
         )
@@ -161,12 +161,9 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
     assert saved["line"] <= first.confirmed  # only confirmed lines count
     assert await queue_depth(settings.replay_queue) >= saved["line"]
 
-    second = await replay.run_broker(
+    second = await replay.run(
         settings,
-        [str(path)],
-        mode="replay",
-        routing_key=broker.REPLAY_ROUTING_KEY,
-        checkpoint_path=str(checkpoint),
+        ReplayOptions(paths=[str(path)], mode="replay", checkpoint_path=str(checkpoint)),
     )
     assert second.ok, render(second)
     assert second.files[0].resumed_after == saved["line"]
@@ -178,12 +175,9 @@ async def test_an_interrupted_replay_resumes_from_its_checkpoint(
         await wait_until(lambda: _empty(settings.replay_queue), message="replay queue drained")
     assert await count(conn) == n
 
-    third = await replay.run_broker(
+    third = await replay.run(
         settings,
-        [str(path)],
-        mode="replay",
-        routing_key=broker.REPLAY_ROUTING_KEY,
-        checkpoint_path=str(checkpoint),
+        ReplayOptions(paths=[str(path)], mode="replay", checkpoint_path=str(checkpoint)),
     )
     assert third.files[0].already_complete
     assert third.confirmed == 0
@@ -202,21 +196,15 @@ async def test_a_changed_file_is_not_resumed_unless_forced(
     tenant = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
     path = write_jsonl(tmp_path / "h.jsonl", [encode(event_doc(tenant)) for _ in range(5)])
     checkpoint = str(tmp_path / "cp")
-    kwargs: dict[str, Any] = {"mode": "replay", "routing_key": broker.REPLAY_ROUTING_KEY}
-    first = await replay.run_broker(settings, [str(path)], checkpoint_path=checkpoint, **kwargs)
+    options = ReplayOptions(paths=[str(path)], mode="replay", checkpoint_path=checkpoint)
+    first = await replay.run(settings, options)
     assert first.ok
     with path.open("ab") as fh:
         fh.write(encode(event_doc(tenant)) + b"\n")
     with pytest.raises(InputError, match=r"h\.jsonl changed since checkpoint"):
-        await replay.run_broker(settings, [str(path)], checkpoint_path=checkpoint, **kwargs)
+        await replay.run(settings, options)
     assert await queue_depth(settings.replay_queue) == 5
-    forced = await replay.run_broker(
-        settings,
-        [str(path)],
-        checkpoint_path=checkpoint,
-        force=True,
-        **kwargs,
-    )
+    forced = await replay.run(settings, dataclasses.replace(options, force=True))
     assert forced.ok
     assert forced.files[0].resumed_after == 5
     assert forced.confirmed == 1
@@ -236,14 +224,13 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
     name = f"test-replay-{uuid.uuid4().hex[:8]}"
     async with Publisher.from_settings(settings, name=name) as publisher:
         run = asyncio.create_task(
-            replay.publish_files(
-                [str(path)],
-                publisher,
+            replay.replay_files(
+                ReplayOptions(paths=[str(path)], checkpoint_path=str(checkpoint)),
+                BrokerSink(publisher, routing_key=broker.REPLAY_ROUTING_KEY),
                 max_bytes=settings.max_event_bytes,
                 # Unpaced: the window of unconfirmed messages is never empty, so the close
                 # catches some in flight (a paced run may sit between confirms when it lands,
                 # and then only reconnects on its next send: right, but not this test).
-                checkpoint=Checkpoint(str(checkpoint)),
             )
         )
         await wait_until(lambda: _checkpointed(checkpoint), message="a first checkpoint")
@@ -258,12 +245,9 @@ async def test_a_lost_connection_stops_the_replay_and_only_confirmed_lines_count
     line = Checkpoint.load(str(checkpoint)).entries[str(path)]["line"]
     assert line <= report.confirmed
 
-    again = await replay.run_broker(
+    again = await replay.run(
         settings,
-        [str(path)],
-        mode="replay",
-        routing_key=broker.REPLAY_ROUTING_KEY,
-        checkpoint_path=str(checkpoint),
+        ReplayOptions(paths=[str(path)], mode="replay", checkpoint_path=str(checkpoint)),
     )
     assert again.ok, render(again)
     assert again.files[0].resumed_after == line
@@ -283,9 +267,7 @@ async def test_with_the_broker_down_nothing_is_reported_published(
         for i in range(2)
     ]
     down = settings.replace(amqp_url="amqp://guest:hunter2@127.0.0.1:1/")
-    report = await replay.run_broker(
-        down, paths, mode="publish", routing_key=broker.LIVE_ROUTING_KEY
-    )
+    report = await replay.run(down, ReplayOptions(paths=paths, mode="publish"))
     assert not report.ok
     assert report.confirmed == 0
     assert report.error is not None
@@ -303,9 +285,7 @@ async def test_rate_limit_paces_the_replay(settings: Settings, tmp_path: Path) -
     tenant = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
     path = write_jsonl(tmp_path / "h.jsonl", [encode(event_doc(tenant)) for _ in range(300)])
     started = time.monotonic()
-    report = await replay.run_broker(
-        settings, [str(path)], mode="replay", routing_key=broker.REPLAY_ROUTING_KEY, rate=400
-    )
+    report = await replay.run(settings, ReplayOptions(paths=[str(path)], mode="replay", rate=400))
     elapsed = time.monotonic() - started
     assert report.ok
     assert 0.65 <= elapsed < 5
@@ -318,13 +298,11 @@ async def test_dry_run_validates_and_sends_nothing(settings: Settings, tmp_path:
     path = write_jsonl(
         tmp_path / "h.jsonl", [encode(event_doc(tenant)) for _ in range(20)] + [b"{bad"]
     )
-    report = await replay.run_broker(
+    report = await replay.run(
         settings,
-        [str(path)],
-        mode="replay",
-        routing_key=broker.REPLAY_ROUTING_KEY,
-        dry_run=True,
-        checkpoint_path=str(tmp_path / "cp"),
+        ReplayOptions(
+            paths=[str(path)], mode="replay", dry_run=True, checkpoint_path=str(tmp_path / "cp")
+        ),
     )
     assert report.dry_run
     assert report.valid == 20
@@ -370,17 +348,18 @@ async def test_direct_backfill_and_broker_replay_give_identical_tables(
         path = write_jsonl(tmp_path / "h.jsonl.gz", lines, compress=True)
 
         async with running(Worker(settings)):
-            report = await replay.run_broker(
-                settings, [str(path)], mode="replay", routing_key=broker.REPLAY_ROUTING_KEY
-            )
+            report = await replay.run(settings, ReplayOptions(paths=[str(path)], mode="replay"))
             assert report.ok
             await wait_until(lambda: _rows(conn, 1500), message="1500 rows via the broker")
 
-        direct = await replay.run_direct(
+        direct = await replay.run(
             settings.replace(database_url=other_database),
-            [str(path)],
-            batch_size=200,
-            rejects_path=str(tmp_path / "rejects.jsonl"),
+            ReplayOptions(
+                paths=[str(path)],
+                mode="direct",
+                batch_size=200,
+                rejects_path=str(tmp_path / "rejects.jsonl"),
+            ),
         )
         assert direct.ok, render(direct)
         assert sum(f.stored for f in direct.files) == 1500
@@ -402,8 +381,11 @@ async def test_direct_backfill_writes_refused_lines_to_the_rejects_file(
     path = write_jsonl(tmp_path / "h.jsonl", lines)
     rejects = tmp_path / "rejects.jsonl"
     for attempt in range(2):
-        report = await replay.run_direct(
-            settings, [str(path)], batch_size=32, rejects_path=str(rejects)
+        report = await replay.run(
+            settings,
+            ReplayOptions(
+                paths=[str(path)], mode="direct", batch_size=32, rejects_path=str(rejects)
+            ),
         )
         assert not report.ok
         assert sum(f.stored for f in report.files) == (100 if attempt == 0 else 0)
@@ -432,14 +414,18 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
     pool = await create_pool(settings.database_url, max_size=2)
     stop = pacing.Stop()
     try:
+        options = ReplayOptions(
+            paths=[str(path)],
+            mode="direct",
+            batch_size=50,
+            rate=2000,  # 2 s in all: a checkpoint is saved every second
+            checkpoint_path=str(checkpoint),
+        )
         run = asyncio.create_task(
-            replay.ingest_files(
-                [str(path)],
-                Store(pool),
+            replay.replay_files(
+                options,
+                replay.direct_sink(Store(pool), settings, options),
                 max_bytes=settings.max_event_bytes,
-                batch_size=50,
-                rate=2000,  # 2 s in all: a checkpoint is saved every second
-                checkpoint=Checkpoint(str(checkpoint)),
                 stop=stop,
             )
         )
@@ -453,16 +439,47 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
     assert 0 < line < n
     assert await count(conn) >= line
 
-    second = await replay.run_direct(
+    second = await replay.run(
         settings,
-        [str(path)],
-        checkpoint_path=str(checkpoint),
-        rejects_path=str(tmp_path / "rejects"),
+        ReplayOptions(
+            paths=[str(path)],
+            mode="direct",
+            checkpoint_path=str(checkpoint),
+            rejects_path=str(tmp_path / "rejects"),
+        ),
     )
     assert second.ok, render(second)
     assert second.files[0].resumed_after == line
     assert await count(conn) == n
     assert not (tmp_path / "rejects").exists()
+
+
+async def test_direct_backfill_retries_transient_database_faults(
+    settings: Settings, conn: asyncpg.Connection, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """A transient fault, a DatabaseError (a table missing while a migration runs) as much
+    as a lost connection, is retried with the one policy (worker.retry), as the worker
+    retries it: the run completes and every event is stored once."""
+    tenant = await make_tenant(conn)
+    path = write_jsonl(tmp_path / "h.jsonl", history(tenant, 30))
+    faults: list[Exception] = [DatabaseError("relation missing"), DatabaseUnavailable("down")]
+
+    class Flaky(Store):
+        async def ingest(self, events: Sequence[Event]) -> IngestResult:
+            if faults:
+                raise faults.pop(0)
+            return await super().ingest(events)
+
+    options = ReplayOptions(paths=[str(path)], mode="direct", batch_size=10, concurrency=1)
+    report = await replay.replay_files(
+        options,
+        replay.direct_sink(Flaky(pool), settings, options),
+        max_bytes=settings.max_event_bytes,
+    )
+    assert report.ok, render(report)
+    assert not faults
+    assert sum(f.stored for f in report.files) == 30
+    assert await count(conn) == 30
 
 
 async def test_direct_backfill_without_the_schema_is_a_clear_error(
@@ -472,10 +489,9 @@ async def test_direct_backfill_without_the_schema_is_a_clear_error(
     migrate."""
     path = write_jsonl(tmp_path / "h.jsonl", [b"{}"])
     with pytest.raises(ConfigError, match="run `prompter-worker migrate` first"):
-        await replay.run_direct(
+        await replay.run(
             settings.replace(database_url=empty_database),
-            [str(path)],
-            rejects_path=str(tmp_path / "r"),
+            ReplayOptions(paths=[str(path)], mode="direct", rejects_path=str(tmp_path / "r")),
         )
 
 
@@ -490,10 +506,39 @@ async def test_the_progress_bar_ends_at_the_size_of_the_files(
         path = tmp_path / name
         path.write_bytes(b"".join(encode(event_doc(t)) + b"\n" for _ in range(300)))
         paths.append(str(path))
-    report = await replay.publish_files(paths, None, max_bytes=1 << 20, progress=True)
+    report = await replay.replay_files(
+        ReplayOptions(paths=paths, progress=True), None, max_bytes=1 << 20
+    )
     assert report.ok
     err = capsys.readouterr().err
     shown = re.findall(r"\|\s*([\d.]+[kMG]?B?)/([\d.]+[kMG]?B?)", err)
     assert shown, err[-500:]
     done, total = shown[-1]
     assert done == total
+
+
+async def test_the_direct_progress_bar_ends_at_the_size_of_its_one_file(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """(issue 15) ``replay --direct --rate 4000`` on one file: the bar ends at the file's
+    size, its total still shown (a 52.9 MB file used to end at "106MB": the finished file
+    was counted twice, past the total, which tqdm then stops showing)."""
+    tenant = await make_tenant(conn)
+    path = write_jsonl(tmp_path / "h.jsonl", history(tenant, 400))
+    options = ReplayOptions(paths=[str(path)], mode="direct", rate=4000, progress=True)
+    report = await replay.replay_files(
+        options,
+        replay.direct_sink(Store(pool), settings, options),
+        max_bytes=settings.max_event_bytes,
+    )
+    assert report.ok, render(report)
+    assert sum(f.stored for f in report.files) == 400
+    err = capsys.readouterr().err
+    shown = re.findall(r"\|\s*([\d.]+[kMG]?B?)/([\d.]+[kMG]?B?)", err)
+    assert shown, err[-500:]
+    size = tqdm.format_sizeof(path.stat().st_size, divisor=1024)
+    assert tuple(s.removesuffix("B") for s in shown[-1]) == (size, size)

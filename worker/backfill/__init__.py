@@ -1,2 +1,2 @@
-"""History from files: JSON lines read safely (``jsonl``), one loop over two sinks,
-the broker or the database (``replay``), checkpoints and reports."""
+"""Backfill: events from JSON-lines files, through the broker or straight into the database,
+by one loop (``run``) over two sinks (``sinks``), resumable (``checkpoint``) and reported."""

@@ -62,21 +62,16 @@ def publish(
     their line number and reason and never sent. Exits 1 if any line was invalid or any
     event was not confirmed by the broker.
     """
-    from worker.amqp import broker
     from worker.backfill import replay
 
-    report = run_async(
-        replay.run_broker(
-            settings,
-            [file],
-            mode="publish",
-            routing_key=broker.LIVE_ROUTING_KEY,
-            window=window,
-            rejects_path=rejects_path,
-            progress=sys.stderr.isatty(),
-            name="prompter-worker publish",
-        )
+    options = replay.ReplayOptions(
+        paths=[file],
+        mode="publish",
+        window=window,
+        rejects_path=rejects_path,
+        progress=sys.stderr.isatty(),
     )
+    report = run_async(replay.run(settings, options))
     _finish(report, as_json=as_json)
 
 
@@ -160,39 +155,20 @@ def replay(
     --checkpoint, the same command continues where the confirmed part ended. Exits 1 if any
     line was invalid or not confirmed, 130 if interrupted.
     """
-    from worker.amqp import broker
     from worker.backfill import replay as rp
 
-    progress = sys.stderr.isatty()
-    if direct:
-        report = run_async(
-            rp.run_direct(
-                settings,
-                files,
-                batch_size=direct_batch_size,
-                concurrency=concurrency,
-                rate=rate,
-                dry_run=dry_run,
-                checkpoint_path=checkpoint_path,
-                force=force,
-                rejects_path=rejects_path or DEFAULT_REJECTS_PATH,
-                progress=progress,
-            )
-        )
-    else:
-        report = run_async(
-            rp.run_broker(
-                settings,
-                files,
-                mode="replay",
-                routing_key=broker.REPLAY_ROUTING_KEY,
-                window=window,
-                rate=rate,
-                dry_run=dry_run,
-                checkpoint_path=checkpoint_path,
-                force=force,
-                rejects_path=rejects_path,
-                progress=progress,
-            )
-        )
+    options = rp.ReplayOptions(
+        paths=files,
+        mode="direct" if direct else "replay",
+        dry_run=dry_run,
+        checkpoint_path=checkpoint_path,
+        force=force,
+        rejects_path=rejects_path or (DEFAULT_REJECTS_PATH if direct else None),
+        rate=rate,
+        progress=sys.stderr.isatty(),
+        window=window,
+        batch_size=direct_batch_size,
+        concurrency=concurrency,
+    )
+    report = run_async(rp.run(settings, options))
     _finish(report, as_json=as_json)
