@@ -12,7 +12,7 @@ Both validate every event first, as the library always does; the ratio is what p
 buys. At most ``PUBLISH_EVENTS_MAX`` events are published per run: the awaited loop is
 slow, and a rate needs no more.
 
-Direct backfill: ``replay.run_direct`` of the whole data set as a JSONL file into a
+Direct backfill: ``replay.run`` of the whole data set as a JSONL file into a
 scratch database (tables truncated before each run), events/s from the first line read to
 the last commit, to set beside the worker's end-to-end rate.
 """
@@ -33,6 +33,7 @@ from bench.data import make_events, make_templates, register_templates
 from bench.harness import AMQP_URL, Series, delete_topology, interleaved, scratch_database
 from worker.amqp import broker
 from worker.backfill import replay
+from worker.backfill.options import ReplayOptions
 from worker.backfill.reports import render
 from worker.config import Settings
 from worker.publisher import DEFAULT_WINDOW, Publisher
@@ -108,9 +109,10 @@ async def run(n_events: int, reps: int) -> dict[str, Series]:
                     await conn.execute("VACUUM ANALYZE prompt_results")
                 finally:
                     await conn.close()
-                report = await replay.run_direct(
-                    settings, [str(path)], rejects_path=str(Path(tmp) / "rejects.jsonl")
+                options = ReplayOptions(
+                    paths=[str(path)], mode="direct", rejects_path=str(Path(tmp) / "rejects.jsonl")
                 )
+                report = await replay.run(settings, options)
                 assert report.ok, render(report)
                 return n_events / report.elapsed
 

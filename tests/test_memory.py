@@ -26,10 +26,13 @@ from tests.conftest import ROOT
 from tests.factories import Tenant, encode, event_doc, make_tenant
 from tests.helpers import count, queue_depth, wait_until
 from tests.test_backfill_cli import environment
-from worker.backfill import replay
+from worker.backfill.options import ReplayOptions
+from worker.backfill.run import replay_files
+from worker.backfill.sinks import DirectSink
 from worker.config import Settings
 from worker.events import Event
 from worker.publisher import Publisher, prepare
+from worker.retry import Backoff
 from worker.store.ingest import IngestResult, Store
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -181,9 +184,11 @@ async def test_replay_direct_batches_are_bounded_in_bytes(
             sizes.append(len(events))
             return await super().ingest(events)
 
-    report = await replay.ingest_files(
-        [str(path)], Spy(pool), max_bytes=16 * 1_048_576, batch_bytes=8 * 1_048_576
+    sink = DirectSink(
+        Spy(pool), batch_size=1000, batch_bytes=8 * 1_048_576, concurrency=2, backoff=Backoff()
     )
+    options = ReplayOptions(paths=[str(path)], mode="direct")
+    report = await replay_files(options, sink, max_bytes=16 * 1_048_576)
     assert report.ok, report.error
     assert sizes == [2, 2, 2, 1]
     assert await count(conn) == 7

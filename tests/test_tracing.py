@@ -361,19 +361,19 @@ async def test_replay_direct_traces_its_batches(
     spans: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
     """``replay --direct``: one span per batch with its counts, the store's under it."""
-    from worker.backfill import replay
+    from worker.backfill.options import ReplayOptions
+    from worker.backfill.replay import direct_sink
+    from worker.backfill.run import replay_files
 
     provider, exporter = spans
     t = await make_tenant(conn)
     path = tmp_path / "events.jsonl"
     docs = [event_doc(t) for _ in range(25)]
     path.write_text("".join(json.dumps(d) + "\n" for d in [*docs, docs[0]]))
-    report = await replay.ingest_files(
-        [str(path)],
-        Store(pool, tracer=tracing.tracer_of(provider)),
-        max_bytes=settings.max_event_bytes,
-        batch_size=10,
-        rejects=None,
+    options = ReplayOptions(paths=[str(path)], mode="direct", batch_size=10)
+    store = Store(pool, tracer=tracing.tracer_of(provider))
+    report = await replay_files(
+        options, direct_sink(store, settings, options), max_bytes=settings.max_event_bytes
     )
     assert report.confirmed == 26
     assert await count(conn) == 25

@@ -1,6 +1,8 @@
 """One retry policy for everything that retries a transient fault (:mod:`worker.errors`):
-the worker's database and broker sessions, each batch, dead-lettering, ``replay --direct``
-and the publisher library.
+the worker's database and broker sessions, each batch, dead-lettering and ``replay --direct``.
+The publisher library raises the same transient errors and leaves the decision to its
+caller (it reconnects on the next call); ``publish`` and ``replay`` stop on one and resume
+from their checkpoint, which is what an operator running a backfill wants to see.
 
 - **What is retried**: :class:`~worker.errors.TransientError` only (a lost or refused
   connection, a restart, a deadlock, a missing table while a migration runs). Permanent

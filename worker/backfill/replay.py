@@ -31,12 +31,10 @@ still holds only settled lines).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 
 import asyncpg
 
 from worker import tracing
-from worker.backfill.checkpoint import Checkpoint
 from worker.backfill.options import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -44,7 +42,7 @@ from worker.backfill.options import (
     ReplayOptions,
 )
 from worker.backfill.pacing import Stop, stop_on_signals
-from worker.backfill.reports import Rejects, Report
+from worker.backfill.reports import Report
 from worker.backfill.run import check_inputs, load_checkpoint, replay_files
 from worker.backfill.sinks import DIRECT_ATTEMPTS, BrokerSink, DirectSink
 from worker.config import Settings
@@ -61,10 +59,8 @@ __all__ = [
     "DEFAULT_REJECTS_PATH",
     "DIRECT_ATTEMPTS",
     "ReplayOptions",
-    "ingest_files",
     "replay_files",
     "run",
-    "run_direct",
 ]
 
 
@@ -141,78 +137,3 @@ async def _open_pool(settings: Settings, size: int) -> asyncpg.Pool:
         await pool.close()
         raise
     return pool
-
-
-# --- the earlier keyword-argument entry points, for callers outside the package -----------
-# (bench/publish.py, tests/test_tracing.py, tests/test_memory.py): each builds the options
-# value and goes through the one loop.
-
-
-async def run_direct(
-    settings: Settings,
-    paths: Sequence[str],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    rate: float | None = None,
-    dry_run: bool = False,
-    checkpoint_path: str | None = None,
-    force: bool = False,
-    rejects_path: str = DEFAULT_REJECTS_PATH,
-    progress: bool = False,
-) -> Report:
-    """:func:`run` with ``mode="direct"``."""
-    options = ReplayOptions(
-        paths=paths,
-        mode="direct",
-        batch_size=batch_size,
-        concurrency=concurrency,
-        rate=rate,
-        dry_run=dry_run,
-        checkpoint_path=checkpoint_path,
-        force=force,
-        rejects_path=rejects_path,
-        progress=progress,
-    )
-    return await run(settings, options)
-
-
-async def ingest_files(
-    paths: Sequence[str],
-    store: Store | None,
-    *,
-    max_bytes: int,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    batch_bytes: int = 8 * 1_048_576,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    rate: float | None = None,
-    checkpoint: Checkpoint | None = None,
-    force: bool = False,
-    rejects: Rejects | None = None,
-    progress: bool = False,
-    stop: Stop | None = None,
-    retry_max_seconds: float = 30.0,
-) -> Report:
-    """:func:`replay_files` into ``store`` (None: a dry run) without signal handling: the
-    loop of ``replay --direct`` on a store of the caller's. ``checkpoint`` and ``rejects``
-    are used by their paths (the run loads and opens its own)."""
-    options = ReplayOptions(
-        paths=paths,
-        mode="direct",
-        checkpoint_path=checkpoint.path if checkpoint else None,
-        rejects_path=rejects.path if rejects else None,
-        rate=rate,
-        force=force,
-        progress=progress,
-    )
-    sink = None
-    if store is not None:
-        backoff = Backoff(cap=retry_max_seconds)
-        sink = DirectSink(
-            store,
-            batch_size=batch_size,
-            batch_bytes=batch_bytes,
-            concurrency=concurrency,
-            backoff=backoff,
-        )
-    return await replay_files(options, sink, max_bytes=max_bytes, stop=stop)
