@@ -1,6 +1,23 @@
 """One message in flight: sent on the publishing channel with its properties (and, with
 tracing on, its PRODUCER span), its confirm awaited by its deadline, the outcome given to
-its sender as one of :mod:`worker.errors`; and :class:`Tally`, publish_many's count."""
+its sender as one of :mod:`worker.errors`; and :class:`Tally`, publish_many's count.
+
+**Why aiormq, beside the worker's own AMQP code.** The code base speaks AMQP two ways. The
+worker consumes, and publishes its dead-letter copies, with its own protocol code
+(:mod:`worker.amqp.protocol`): the least CPU per delivery, properties kept as raw bytes;
+the ``dead-letters`` commands use it too, to read any message whatever it holds. The rest
+uses aiormq (the AMQP layer under aio-pika): declaring the topology, ``status``, ``trace``'s
+queue depths, and this library, which reuses :func:`worker.amqp.broker.connect` (cluster URL
+lists, masked passwords) and :func:`worker.amqp.broker.open_topology` unchanged. aiormq
+gives the confirm of each publish as a future, which is all a window of outstanding
+confirms needs, with no per-message ``Message`` object or robust-connection machinery on
+the hot path: the publisher's CPU per message is what bounds its rate on a small machine.
+Its publishing failures are mapped onto :mod:`worker.errors` in one place,
+:func:`worker.amqp.confirms.publish_confirmed`, which also makes aiormq's matching of a
+returned message to its publish (by ``message_id``) safe for any ids;
+:func:`worker.logs.guard_amqp_loggers` (called on importing :mod:`worker.publisher`) keeps
+aiormq from logging bodies.
+"""
 
 from __future__ import annotations
 
