@@ -267,7 +267,7 @@ async def test_a_nacked_publish_leaves_its_channel_and_the_next_send_takes_a_new
     full = f"{topology['queue']}.full"
     async with Publisher(AMQP_URL, topo(topology)) as publisher:
         await publisher.publish(event_doc(TENANT))
-        nacking = publisher._channel
+        nacking = publisher._link.channel
         assert nacking is not None
         connection = await aiormq.connect(AMQP_URL)
         try:
@@ -282,7 +282,7 @@ async def test_a_nacked_publish_leaves_its_channel_and_the_next_send_takes_a_new
         finally:
             await connection.close()
         await publisher.publish(event_doc(TENANT))
-        assert publisher._channel is not nacking
+        assert publisher._link.channel is not nacking
         await wait_until(lambda: _closed(nacking), message="the nacking channel closed")
     assert await queue_depth(topology["queue"]) == 3
 
