@@ -1,2 +1,3 @@
-"""Commands beyond ``run``: ``status``, ``trace``, ``dead-letters`` and ``demo``;
-``worker/cli.py`` keeps the group and the options."""
+"""The commands beyond ``run``, one module or package per command group (``status``,
+``trace``, ``deadletters``, ``demo``, ``templates_cli``, ``backfill_cli``); ``cli.py`` keeps
+the group, ``options`` what every command shares."""
