@@ -56,8 +56,7 @@ from worker.store.revisions import (
     recorded,
     version_table,
 )
-from worker.store.structure import TABLES, present_tables
-from worker.store.structure import missing as missing_structure
+from worker.store.structure import TABLES, find_missing, present_tables
 
 # What the check's callers read here (the commands, alembic/env.py, the tests), wherever
 # it is defined.
@@ -180,7 +179,7 @@ async def inspect(
     present = await present_tables(conn)
     if not present and status == UNVERSIONED:
         status = MISSING
-    missing, invalid = ([], []) if status == MISSING else await missing_structure(conn, present)
+    missing, invalid = ([], []) if status == MISSING else await find_missing(conn, present)
     for name in invalid:
         warnings.append(
             f"index {name} is INVALID (an interrupted CREATE INDEX CONCURRENTLY): rebuild it "

@@ -1,8 +1,8 @@
-"""Every SQL statement of the ingestion path, by name (:class:`SQL`), read by
-:class:`worker.store.ingest.Store` and the schema check; how each one works and why is said
-beside it, and so is the shape the batch's events travel in as their arguments
-(:func:`in_id_order`, :func:`body_positions`). The spans of a traced batch carry these
-names (:func:`statement_span`)."""
+"""Every SQL statement of the ingestion path, by name (:class:`SQL`), run by the store
+(:mod:`~worker.store.ingest`, :mod:`~worker.store.writer`, :mod:`~worker.store.repeats`);
+how each one works and why is said beside it, and so is the shape the batch's events
+travel in as their arguments (:func:`in_id_order`, :func:`body_positions`). The spans of
+a traced batch carry these names (:func:`statement_span`)."""
 
 from __future__ import annotations
 

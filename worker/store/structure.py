@@ -1,5 +1,5 @@
 """The tables, columns and unique keys the worker's SQL relies on, and what a database
-lacks of them (:func:`missing`): the second question of the schema check
+lacks of them (:func:`find_missing`): the second question of the schema check
 (:mod:`worker.store.schema`), asked whatever revision the database records."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ COLUMNS: Final[Mapping[str, tuple[str, ...]]] = {
 }  # fmt: skip
 
 #: The columns each table's INSERT gives a value (``templates.SQL.REGISTER``,
-#: ``SQL.INSERT_VERSIONS``, ``ingest.RESULT_COLUMNS``): any other NOT NULL column
+#: ``SQL.INSERT_VERSIONS``, ``writer.RESULT_COLUMNS``): any other NOT NULL column
 #: needs a default, or every insert fails.
 WRITTEN: Final[Mapping[str, frozenset[str]]] = {
     "prompt_templates": frozenset(COLUMNS["prompt_templates"]) - {"id", "created_at", "deleted_at"},
@@ -111,7 +111,7 @@ async def present_tables(conn: asyncpg.Connection) -> list[str]:
     return [t for t in TABLES if await table_exists(conn, t)]
 
 
-async def missing(conn: asyncpg.Connection, present: list[str]) -> tuple[list[str], list[str]]:
+async def find_missing(conn: asyncpg.Connection, present: list[str]) -> tuple[list[str], list[str]]:
     """(what is missing, the INVALID indexes) on the tables that exist."""
     lacking = [f"table {t}" for t in TABLES if t not in present]
     if not present:

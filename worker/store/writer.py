@@ -116,9 +116,9 @@ class BatchWriter:
         elif mode is Mode.CAREFUL:
             await self._careful(todo)
         else:
-            await self._taken_new(todo, look_up=mode is not Mode.FAST or not first_round)
+            await self._write_as_new(todo, look_up=mode is not Mode.FAST or not first_round)
 
-    async def _taken_new(self, todo: list[int], *, look_up: bool) -> None:
+    async def _write_as_new(self, todo: list[int], *, look_up: bool) -> None:
         """Write the events ``todo`` with COPY or a plain INSERT, which fail on a stored
         id: all of them, or, if ``look_up``, those not stored when looked up (the stored
         ones are settled)."""
