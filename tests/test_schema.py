@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT, with_user
 from worker.config import Settings
 from worker.errors import ConfigError, SchemaError
-from worker.store import migrations, schema
+from worker.store import migrations, revisions, schema
 
 
 @pytest.fixture
@@ -360,8 +360,8 @@ async def migrate_as_newer_release(url: str, ini: Path) -> None:
     knows the newer revision."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PROMPTER_ALEMBIC_INI", str(ini))
-        patch.setattr(schema, "REVISIONS", (*schema.REVISIONS, NEWER))
-        patch.setattr(schema, "HEAD", NEWER)
+        patch.setattr(revisions, "REVISIONS", (*revisions.REVISIONS, NEWER))
+        patch.setattr(revisions, "HEAD", NEWER)
         await _upgrade(url)
 
 

@@ -28,7 +28,7 @@ from tests.factories import (
     snapshot,
     spaced,
 )
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_until
 from worker.config import Settings
 from worker.errors import (
     DatabaseConflict,
@@ -61,6 +61,27 @@ async def pool(database: str, runtime_role: tuple[str, str]) -> AsyncIterator[as
         yield p
     finally:
         await p.close()
+
+
+async def worker_waiting_on_a_lock(conn: asyncpg.Connection, awaited: str) -> list[int]:
+    """The pids of the worker's backends waiting on a lock, as soon as there is one; the
+    test fails after 10 s without one, naming what it ``awaited``.
+
+    A poll, and the only way: PostgreSQL tells no client when a backend starts waiting on
+    a lock; ``pg_stat_activity`` shows it, and the test must see it before it acts (kills
+    that backend, or commits the transaction it waits for)."""
+    pids: list[int] = []
+
+    async def waiting() -> bool:
+        rows = await conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
+            " AND wait_event_type = 'Lock'"
+        )
+        pids[:] = [r["pid"] for r in rows]
+        return bool(pids)
+
+    await wait_until(waiting, within=10, message=awaited)
+    return pids
 
 
 async def test_the_store_fixture_logs_in_as_the_runtime_role(
@@ -512,16 +533,8 @@ async def test_terminated_connection_is_a_retryable_error(
         await blocker.execute("LOCK TABLE prompt_results IN ACCESS EXCLUSIVE MODE")
         task = asyncio.create_task(store.ingest(batch))
         # Wait until the worker's statement is blocked on the lock, then kill its backend.
-        for _ in range(200):
-            pids = await conn.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
-                " AND wait_event_type = 'Lock'"
-            )
-            if pids:
-                break
-            await asyncio.sleep(0.05)
-        assert pids, "the ingest never reached the lock"
-        await conn.execute("SELECT pg_terminate_backend($1)", pids[0]["pid"])
+        pids = await worker_waiting_on_a_lock(conn, "the ingest to reach the lock")
+        await conn.execute("SELECT pg_terminate_backend($1)", pids[0])
         with pytest.raises(DatabaseUnavailable):
             await asyncio.wait_for(task, 30)
         await tx.rollback()
@@ -584,15 +597,7 @@ async def test_event_stored_concurrently_by_another_worker_is_a_duplicate(
             x.body,
         )
         task = asyncio.create_task(store.ingest([x, y]))
-        for _ in range(200):
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
-                " AND wait_event_type = 'Lock'"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "our insert never waited on the other transaction"
+        await worker_waiting_on_a_lock(conn, "our insert to wait on the other transaction")
         await tx.commit()
         result = await asyncio.wait_for(task, 30)
     finally:
@@ -863,15 +868,7 @@ async def test_event_stored_concurrently_with_other_content_is_a_conflict(
             at(1),
         )
         task = asyncio.create_task(store.ingest([x, y]))
-        for _ in range(200):
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'prompter-worker'"
-                " AND wait_event_type = 'Lock'"
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.05)
-        assert waiting, "our insert never waited on the other transaction"
+        await worker_waiting_on_a_lock(conn, "our insert to wait on the other transaction")
         await tx.commit()
         result = await asyncio.wait_for(task, 30)
     finally:

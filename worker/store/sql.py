@@ -1,10 +1,22 @@
-"""Every SQL statement of the ingestion path, by name (:class:`SQL`), read by
-:class:`worker.store.ingest.Store` and the schema check; how each one works and why is said
-beside it."""
+"""Every SQL statement of the ingestion path, by name (:class:`SQL`), run by the store
+(:mod:`~worker.store.ingest`, :mod:`~worker.store.writer`, :mod:`~worker.store.repeats`);
+how each one works and why is said beside it, and so is the shape the batch's events
+travel in as their arguments (:func:`in_id_order`, :func:`body_positions`). The spans of
+a traced batch carry these names (:func:`statement_span`)."""
 
 from __future__ import annotations
 
-from typing import Final
+import itertools
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Final
+
+from worker import tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+    from worker.events import Event
 
 
 class SQL:
@@ -185,3 +197,45 @@ class SQL:
             OFFSET 0
         ) AS d
     """
+
+
+def in_id_order(events: Iterable[Event]) -> list[Event]:
+    """The events sorted by id: the order every transaction writes result rows in, and so
+    takes their locks in (see ``MERGE_VERSIONS``)."""
+    return sorted(events, key=_event_id)
+
+
+def _event_id(e: Event) -> str:
+    return e.event_id
+
+
+def body_positions(bodies: list[bytes]) -> tuple[str, str]:
+    """Where each body sits in the bodies concatenated into one bytea: the 1-based starts
+    and the lengths, each as space-separated text (see ``_RESULTS_TEMPLATE``)."""
+    lengths = [len(b) for b in bodies]
+    return (
+        " ".join(map(str, itertools.accumulate(lengths[:-1], initial=1))),
+        " ".join(map(str, lengths)),
+    )
+
+
+def statement_span(tracer: Tracer | None, name: str) -> AbstractContextManager[object]:
+    """The span of one statement of :class:`SQL`, by its name, when tracing."""
+    if tracer is None:
+        return nullcontext()
+    return tracing.span(
+        tracer,
+        tracing.SQL_PREFIX + name,
+        {"db.system.name": "postgresql", "db.query.summary": name},
+    )
+
+
+def transaction_span(tracer: Tracer | None, mode: str) -> AbstractContextManager[object]:
+    """The span of one attempt at a batch's transaction (BEGIN to COMMIT), when tracing."""
+    if tracer is None:
+        return nullcontext()
+    return tracing.span(
+        tracer,
+        tracing.SQL_PREFIX + "transaction",
+        {"db.system.name": "postgresql", "prompter.mode": mode},
+    )
