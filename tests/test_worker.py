@@ -172,7 +172,7 @@ async def test_a_nacked_dead_letter_copy_is_sent_again_on_a_new_channel(
         await wait_until(lambda: _rows(conn, 5), message="consuming on")
         assert worker.session.publish_channel != original
         assert worker.session.publisher is not None
-        assert original not in worker.session.publisher._published  # retired, closed
+        assert original not in worker.session.publisher.confirms.channels  # retired, closed
         assert sample(worker, "prompter_reconnects_total", server="broker") == 0
     # Each nacked copy reached the dead-letter queue too (a publish routed to two queues is
     # nacked if either refuses it): at least once, and only the poison.

@@ -31,7 +31,7 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from worker import __version__
-from worker.amqp.protocol import verification_disabled
+from worker.amqp.endpoint import verification_disabled
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import redact
