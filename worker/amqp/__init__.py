@@ -1,2 +1,2 @@
-"""RabbitMQ: the worker's own AMQP 0-9-1 connection (``protocol`` over ``link``, ``reader``, ``handshake``,
-``publishing``), raw properties and tables (``frames``, ``tables``), aiormq for the topology (``broker``)."""
+"""RabbitMQ: the worker's own AMQP 0-9-1 connection (protocol, link, reader, handshake,
+publishing, endpoint), raw properties and tables (frames, tables), aiormq (broker, confirms)."""
