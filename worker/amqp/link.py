@@ -47,6 +47,7 @@ class Link(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.server_version: tuple[int, ...] = (0,)
         self.blocked: str | None = None  # why the broker blocks publishing, while it does
+        self.consumers: dict[str, int] = {}  # consumer tag: channel, kept by the commands
         self.confirms = ConfirmChannels()
         self.reader = FrameReader(
             on_delivery=on_delivery,

@@ -67,16 +67,6 @@ class Connection(Link):
     cancel, ack, reject), queue commands, and publishing on confirm channels. Create with
     :func:`connect`; deliveries go to ``on_delivery``."""
 
-    def __init__(
-        self,
-        on_delivery: Callable[[Delivery], None],
-        heartbeat: int,
-        *,
-        max_body: int = 1 << 62,
-    ) -> None:
-        super().__init__(on_delivery, heartbeat, max_body=max_body)
-        self.consumers: dict[str, int] = {}  # consumer tag: channel
-
     async def open_channel(self, channel: int, prefetch: int, timeout: float = 10) -> None:
         await self.rpc(spec.Channel.Open(), channel, (spec.Channel.OpenOk,), timeout)
         await self.rpc(

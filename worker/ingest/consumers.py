@@ -73,28 +73,30 @@ class ConsumerControl:
     def cancel_nowait(self, consumer: amqp.Connection | None, sources: Sequence[Source]) -> None:
         """Cancel every consumer without waiting for the broker (a reply could sit behind
         deliveries while reading is paused)."""
-        self.running = False
-        self.count(0)
-        if consumer is None or consumer.closed.done():
-            return
-        for source in sources:
-            tag, source.consumer_tag = source.consumer_tag, None
-            if tag is not None:
-                consumer.cancel_nowait(tag)
+        for connection, tag in self._stopped(consumer, sources):
+            connection.cancel_nowait(tag)
 
     async def cancel(self, consumer: amqp.Connection | None, sources: Sequence[Source]) -> None:
         """Cancel every consumer and wait for the broker's CancelOk (each within 5 s):
         deliveries sent before it were handed over, in order, before it."""
         self.allowed = False
+        for connection, tag in self._stopped(consumer, sources):
+            with contextlib.suppress(amqp.AMQPError, TimeoutError):
+                await connection.cancel(tag, timeout=5)
+
+    def _stopped(
+        self, consumer: amqp.Connection | None, sources: Sequence[Source]
+    ) -> list[tuple[amqp.Connection, str]]:
+        """Count no consumers from now on; the consumers to cancel (their tags taken from
+        the sources), none if the connection is gone."""
         self.running = False
         self.count(0)
         if consumer is None or consumer.closed.done():
-            return
+            return []
+        tags = [source.consumer_tag for source in sources]
         for source in sources:
-            tag, source.consumer_tag = source.consumer_tag, None
-            if tag is not None:
-                with contextlib.suppress(amqp.AMQPError, TimeoutError):
-                    await consumer.cancel(tag, timeout=5)
+            source.consumer_tag = None
+        return [(consumer, tag) for tag in tags if tag is not None]
 
     def count(self, consumers: int) -> None:
         """Report how many consumers run (readiness, and the metric)."""
