@@ -110,7 +110,7 @@ class Session:
                 self.metrics.retries.labels(kind="BrokerUnavailable").inc()
                 self._retrying.failed(exc)
                 self._next_node += 1
-                await self._sleep(self.backoff.delay(attempt))
+                await self._back_off(self.backoff.delay(attempt))
                 attempt += 1
                 continue
             attempt = 0
@@ -137,6 +137,7 @@ class Session:
             self._next_node += 1
 
     async def _connect(self) -> None:
+        """Both connections to the next node that answers (:mod:`worker.ingest.connections`)."""
         opened = await open_connections(
             self.settings,
             self.topology,
@@ -282,7 +283,8 @@ class Session:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _back_off(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next attempt; no longer once the worker stops."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.stopping.wait()
