@@ -156,7 +156,12 @@ async def test_session_against_the_broker() -> None:
             return len(got) >= n
 
         await wait_until(lambda: received(10), message="the prefetch window")
-        await asyncio.sleep(0.2)
+        await consumer.open_plain(3)
+
+        async def held_back(ready: int) -> bool:
+            return (await consumer.queue_depth(3, queue))[0] == ready
+
+        await wait_until(lambda: held_back(15), message="the broker holding the rest back")
         assert len(got) == 10  # prefetch holds the rest back until acked
         consumer.ack(1, got[-1].delivery_tag, multiple=True)
         await wait_until(lambda: received(20), message="the next window")

@@ -163,7 +163,7 @@ def parse(chunks: list[bytes]) -> tuple[list[amqp.Delivery], amqp.Connection, in
         longest = 0
         for chunk in chunks:
             protocol.data_received(chunk)
-            longest = max(longest, len(protocol._buffer))
+            longest = max(longest, len(protocol.reader.buffer))
         return protocol, longest
 
     protocol, longest = asyncio.run(run())

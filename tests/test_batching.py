@@ -17,6 +17,13 @@ def delivery(tag: int, *, count: int = 0, channel: int = 1) -> Delivery:
     return d
 
 
+async def parked(d: Dispatcher, task: asyncio.Task[object]) -> None:
+    """Let ``task`` run until it waits: one turn of the loop takes it as far as it can go
+    without an event, and there it waits on the dispatcher's (which it cleared first)."""
+    await asyncio.sleep(0)
+    assert not d._arrived.is_set()
+
+
 def test_watermark_moves_over_contiguous_tags_only() -> None:
     """Tags completed out of order ack nothing until the gap below them is filled."""
     s = Source(1, "q", replay=False)
@@ -76,13 +83,13 @@ async def test_suspects_go_alone_with_nothing_in_flight() -> None:
     first = await asyncio.wait_for(d.next_batch(), 1)
     assert [h.delivery.delivery_tag for h in first or []] == [1]
     waiting = asyncio.create_task(d.next_batch())
-    await asyncio.sleep(0.05)
+    await parked(d, waiting)
     assert not waiting.done()  # the clean batch is still in flight
     d.done()
     second = await asyncio.wait_for(waiting, 1)
     assert [h.delivery.delivery_tag for h in second or []] == [3]
     third = asyncio.create_task(d.next_batch())
-    await asyncio.sleep(0.05)
+    await parked(d, third)
     assert not third.done()  # a suspect is in flight: everything else waits
     d.done()
     assert [h.delivery.delivery_tag for h in await asyncio.wait_for(third, 1) or []] == [2]
@@ -123,7 +130,7 @@ async def test_drop_forgets_a_closed_channel_and_draining_ends() -> None:
     assert await asyncio.wait_for(d.next_batch(), 1) is None
 
 
-def test_tags_stranded_behind_a_gap_are_acked_singly_and_skipped_later() -> None:
+def test_tags_stranded_behind_a_gap_are_acked_one_by_one_and_skipped_later() -> None:
     """Completed tags above a gap held open (by a suspect) can be acked one by one; when
     the gap fills, the watermark moves over them and the multiple-ack names only a tag
     that is still outstanding."""

@@ -264,7 +264,7 @@ def test_a_delivery_count_set_by_the_publisher_is_not_trusted_on_a_first_deliver
 
     async def feed(redelivered: bool, version: tuple[int, ...]) -> Delivery:
         protocol = Connection(got.append, heartbeat=0)
-        protocol._acquired_counts = version >= (4, 3)
+        protocol.reader.acquired_counts = version >= (4, 3)
         method = (
             b"\x00\x3c\x00\x3c\x01c"
             + (7).to_bytes(8, "big")

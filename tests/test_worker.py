@@ -172,7 +172,7 @@ async def test_a_nacked_dead_letter_copy_is_sent_again_on_a_new_channel(
         await wait_until(lambda: _rows(conn, 5), message="consuming on")
         assert worker.session.publish_channel != original
         assert worker.session.publisher is not None
-        assert original not in worker.session.publisher._published  # retired, closed
+        assert original not in worker.session.publisher.confirms.channels  # retired, closed
         assert sample(worker, "prompter_reconnects_total", server="broker") == 0
     # Each nacked copy reached the dead-letter queue too (a publish routed to two queues is
     # nacked if either refuses it): at least once, and only the poison.
@@ -216,8 +216,8 @@ async def test_database_connections_killed_mid_stream(
     killed = 0
     try:
         async with running(worker):
-            publisher = asyncio.create_task(_publish_slowly(bodies, settings.exchange, chunks=30))
-            for _ in range(5):
+            publisher = asyncio.create_task(_publish_slowly(bodies, settings, chunks=30))
+            for round_ in range(1, 6):
                 # Hold the table so the worker's next statement waits, then kill it there.
                 async with locker.transaction():
                     await locker.execute("LOCK TABLE prompt_results IN SHARE MODE")
@@ -227,7 +227,12 @@ async def test_database_connections_killed_mid_stream(
                         " WHERE application_name = 'prompter-worker'"
                         " AND datname = current_database() AND wait_event_type = 'Lock'"
                     )
-                await asyncio.sleep(0.2)
+                await wait_until(
+                    lambda n=round_: _metric(
+                        worker, "prompter_retries_total", n, kind="DatabaseUnavailable"
+                    ),
+                    message="the worker saw its statement killed",
+                )
             await publisher
             await wait_until(lambda: _rows(conn, 3000), within=60, message="all rows")
             await wait_until(lambda: _all_acked(worker))
@@ -249,11 +254,17 @@ async def _worker_waits(conn: asyncpg.Connection) -> bool:
     return bool(n)
 
 
-async def _publish_slowly(bodies: list[bytes], exchange: str, *, chunks: int) -> None:
+async def _publish_slowly(bodies: list[bytes], settings: Settings, *, chunks: int) -> None:
+    """Publish in chunks, each once the worker has taken the one before off the queue: a
+    stream paced by the consumer, flowing while the test breaks things."""
     size = len(bodies) // chunks
     for i in range(0, len(bodies), size):
-        await publish(bodies[i : i + size], exchange)
-        await asyncio.sleep(0.05)
+        await publish(bodies[i : i + size], settings.exchange)
+        await wait_until(lambda: _taken(settings.queue), within=60, message="the chunk taken")
+
+
+async def _taken(queue: str) -> bool:
+    return await queue_depth(queue) == 0
 
 
 async def test_broker_connection_closed_mid_stream(
@@ -266,11 +277,11 @@ async def test_broker_connection_closed_mid_stream(
     name = f"test-worker-{uuid.uuid4().hex[:8]}"
     worker = Worker(settings.replace(batch_size=100, prefetch=500), name=name)
     async with running(worker):
-        publisher = asyncio.create_task(_publish_slowly(bodies, settings.exchange, chunks=30))
+        publisher = asyncio.create_task(_publish_slowly(bodies, settings, chunks=30))
         closed = 0
         for k in (1, 2):
             await wait_until(lambda: _is_ready(worker), message="consuming")
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: _mid_stream(worker, publisher), message="events in flight")
             closed += await asyncio.to_thread(close_connections_named, f"{name}-consumer")
             await wait_until(
                 lambda k=k: _metric(worker, "prompter_reconnects_total", k, server="broker"),
@@ -293,6 +304,11 @@ async def _is_ready(worker: Worker) -> bool:
     return worker.health.ready
 
 
+async def _mid_stream(worker: Worker, publisher: asyncio.Task[None]) -> bool:
+    """The worker holds deliveries not acked yet (or the stream has ended)."""
+    return await _held(worker, 1) or publisher.done()
+
+
 async def test_stop_with_a_batch_in_flight_commits_and_acks_it(
     settings: Settings, conn: asyncpg.Connection, database: str
 ) -> None:
@@ -309,7 +325,7 @@ async def test_stop_with_a_batch_in_flight_commits_and_acks_it(
             await publish(bodies_for(t, 50), settings.exchange)
             await wait_until(lambda: _held(worker, 50), message="the batch in flight")
             worker.stop()
-            await asyncio.sleep(0.5)
+            await wait_until(lambda: _draining(worker), message="draining what it holds")
             assert not task.done()  # waiting for its batch
             await tx.rollback()
             assert await asyncio.wait_for(task, 30) == 0
@@ -321,6 +337,11 @@ async def test_stop_with_a_batch_in_flight_commits_and_acks_it(
 
 async def _held(worker: Worker, n: int) -> bool:
     return sum(s.held for s in worker.session.sources) >= n
+
+
+async def _draining(worker: Worker) -> bool:
+    """Consuming stopped; the worker waits for what it holds to settle."""
+    return worker.dispatcher.draining
 
 
 async def test_replayed_events_use_their_own_queue_and_live_goes_first(

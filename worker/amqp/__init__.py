@@ -1,2 +1,2 @@
-"""AMQP 0-9-1 on the wire: the worker's own client (``protocol``), properties and
-header tables kept as raw bytes (``frames``), connecting and the topology (``broker``)."""
+"""RabbitMQ: the worker's own AMQP 0-9-1 connection (protocol, link, reader, handshake,
+publishing, endpoint), raw properties and tables (frames, tables), aiormq (broker, confirms)."""

@@ -14,8 +14,12 @@ done by both the worker and the publishers, so either may start first; with
 ``PROMPTER_DECLARE=false`` everything is declared passively (checked, never created) for
 brokers whose topology an administrator owns.
 
-The worker talks to aiormq directly (the AMQP layer under aio-pika): it needs per-channel
-control of acknowledgements and the least CPU per message.
+The connections made here are aiormq's (the AMQP layer under aio-pika): the worker
+declares (or checks) the topology on one and closes it; the publisher library (publishing
+with :mod:`worker.amqp.confirms`) and the ``status`` and ``trace`` commands keep theirs. The
+worker consumes, and publishes its dead-letter copies, with its own protocol
+(:mod:`worker.amqp.protocol`): it needs per-channel control of acknowledgements and the
+least CPU per message. Both read a URL the same way (:class:`worker.amqp.endpoint.Endpoint`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from worker import __version__
-from worker.amqp.protocol import verification_disabled
+from worker.amqp.endpoint import verification_disabled
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import redact

@@ -1,2 +1,2 @@
-"""The worker: its lifecycle (``worker``), the broker session (``session``), batches
-(``batching``), one batch through the store (``pipeline``), acks, dead letters, health."""
+"""The worker: lifecycle (worker, opening, reporting), the broker session (session, connections,
+consumers, prefetch), batches (batching, processors), one batch (pipeline, acks, deadletter)."""

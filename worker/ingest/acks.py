@@ -55,7 +55,7 @@ class Source:
         return last
 
     def settle_alone(self, tag: int) -> None:
-        """``tag`` was settled by itself (rejected, or acked singly)."""
+        """``tag`` was settled by itself (rejected, or acked alone)."""
         self.settled_alone.add(tag)
 
     def settle_stranded(self) -> list[int]:

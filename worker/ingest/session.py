@@ -32,27 +32,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 from typing import Any, Final
 
 from worker.amqp import broker
 from worker.amqp import protocol as amqp
 from worker.config import Settings
-from worker.errors import BrokerUnavailable, ConfigError
+from worker.errors import BrokerUnavailable
 from worker.ingest.acks import Source
 from worker.ingest.batching import Dispatcher
+from worker.ingest.connections import PUBLISH_CHANNEL, close, open_connections
+from worker.ingest.consumers import ConsumerControl
+from worker.ingest.prefetch import Prefetch
 from worker.metrics import Health, Metrics
 from worker.retry import Backoff, Retrying
 from worker.security import mask_url
 
 log = logging.getLogger(__name__)
 
-#: A new prefetch count is sent only when it differs from the current one by this share.
-PREFETCH_STEP: Final = 0.25
-#: Weight of the newest batch in the running average of message sizes.
-SIZE_SMOOTHING: Final = 0.2
-PUBLISH_CHANNEL: Final = 1
 #: Confirm channels are numbered from 1 up to this, then from 1 again (a retired one is
 #: closed long before its number comes round).
 MAX_PUBLISH_CHANNEL: Final = 1000
@@ -85,12 +82,11 @@ class Session:
         self.url: str | None = None
         self.connected = asyncio.Event()
         self.drained = asyncio.Event()  # set by the worker once what was held is settled
-        self._allowed = False  # the database answers: consuming is allowed
-        self._consuming = False
         self._next_node = 0
-        self._average_size = 0.0
-        self._prefetch: dict[int, int] = {}
-        self._tags = itertools.count(1)
+        self.prefetch = Prefetch(settings)
+        self.consuming = ConsumerControl(
+            settings, name=name, health=health, metrics=metrics, prefetch=self.prefetch
+        )
         self.publish_channel = PUBLISH_CHANNEL
         self._retiring: set[asyncio.Task[None]] = set()
         self._retrying = Retrying(
@@ -114,7 +110,7 @@ class Session:
                 self.metrics.retries.labels(kind="BrokerUnavailable").inc()
                 self._retrying.failed(exc)
                 self._next_node += 1
-                await self._sleep(self.backoff.delay(attempt))
+                await self._back_off(self.backoff.delay(attempt))
                 attempt += 1
                 continue
             attempt = 0
@@ -127,7 +123,7 @@ class Session:
                 "%s to the broker at %s%s",
                 "reconnected" if connected_before else "connected",
                 mask_url(self.url or ""),
-                "" if self._allowed else "; not consuming until the database answers",
+                "" if self.consuming.allowed else "; not consuming until the database answers",
             )
             connected_before = True
             self._consume_if_allowed()
@@ -137,59 +133,24 @@ class Session:
                 await self._wait_until_closed(self.drained)
                 return
             self._lost(reason)
-            await _close(self.consumer, self.publisher)
+            await close(self.consumer, self.publisher)
             self._next_node += 1
 
     async def _connect(self) -> None:
-        """Topology through aiormq on the first node that answers, then the two
-        connections of this module to the same node."""
-        topology = await broker.connect(
-            self.settings.amqp_url, name=self.name, start=self._next_node
+        """Both connections to the next node that answers (:mod:`worker.ingest.connections`)."""
+        opened = await open_connections(
+            self.settings,
+            self.topology,
+            self.dispatcher,
+            self.prefetch,
+            name=self.name,
+            node=self._next_node,
         )
-        url = str(topology.url)
-        consumer: amqp.Connection | None = None
-        publisher: amqp.Connection | None = None
-        try:
-            await broker.open_topology(topology, self.topology, passive=not self.settings.declare)
-            sources = [
-                Source(1, self.settings.queue, replay=False),
-                Source(2, self.settings.replay_queue, replay=True),
-            ]
-            by_channel = {s.channel: s for s in sources}
-            add = self.dispatcher.add
-            clock = asyncio.get_running_loop().time
-
-            def on_delivery(delivery: amqp.Delivery) -> None:
-                source = by_channel.get(delivery.channel)
-                if source is not None and source.open:
-                    add(source, delivery, clock())
-
-            consumer = await amqp.connect(
-                url,
-                on_delivery,
-                name=f"{self.name}-consumer",
-                max_body=unread_above(self.settings),
-            )
-            for source, prefetch in zip(sources, self._configured_prefetch(), strict=True):
-                source.connection = consumer
-                await consumer.open_channel(source.channel, self._scaled(prefetch))
-                self._prefetch[source.channel] = self._scaled(prefetch)
-            publisher = await amqp.connect(url, name=f"{self.name}-publisher")
-            await publisher.open_publisher(PUBLISH_CHANNEL)
-        except ConfigError:
-            await _close(consumer, publisher)
-            raise
-        except Exception as exc:  # whatever a misbehaving node (or proxy) does at connect
-            await _close(consumer, publisher)
-            raise BrokerUnavailable(
-                f"setting up the connections to {mask_url(url)} failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(topology.close(), timeout=5)
-        self.url, self.consumer, self.publisher, self.sources = url, consumer, publisher, sources
+        consumer = opened.consumer
+        self.url, self.consumer, self.publisher = opened.url, consumer, opened.publisher
+        self.sources = opened.sources
         self.publish_channel = PUBLISH_CHANNEL
-        self._consuming = False
+        self.consuming.running = False
         if self.dispatcher.full:
             consumer.pause()
         self.connected.set()
@@ -220,8 +181,8 @@ class Session:
         """The session ended: forget what its channels held (the broker redelivers it)."""
         self.connected.clear()
         self.health.broker_connected = False
-        self._set_consumers(0)
-        self._consuming = False
+        self.consuming.running = False
+        self.consuming.count(0)
         dropped = 0
         for source in self.sources:
             source.open = False
@@ -242,7 +203,7 @@ class Session:
         for source in self.sources:
             source.open = False
         self.connected.clear()
-        await _close(self.consumer, self.publisher)
+        await close(self.consumer, self.publisher)
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -250,75 +211,23 @@ class Session:
         """Consume (True: the database answers) or stop taking deliveries (False). Never
         waits for the broker: it is called from a batch, and a reply could sit behind
         deliveries while reading is paused at the byte budget."""
-        if allowed == self._allowed:
+        if allowed == self.consuming.allowed:
             return
-        self._allowed = allowed
+        self.consuming.allowed = allowed
         if allowed:
             log.info("the database answers")
             self._consume_if_allowed()
         else:
-            self._cancel_nowait()
+            self.consuming.cancel_nowait(self.consumer, self.sources)
             log.warning("the database is unavailable: consumers cancelled until it answers")
 
     async def stop_consuming(self) -> None:
         """Stop the broker sending more (a graceful stop); what is held is still processed.
         Deliveries sent before the CancelOk were handed over, in order, before it."""
-        self._allowed = False
-        self._consuming = False
-        self._set_consumers(0)
-        consumer = self.consumer
-        if consumer is None or consumer.closed.done():
-            return
-        for source in self.sources:
-            tag, source.consumer_tag = source.consumer_tag, None
-            if tag is not None:
-                with contextlib.suppress(amqp.AMQPError, TimeoutError):
-                    await consumer.cancel(tag, timeout=5)
+        await self.consuming.cancel(self.consumer, self.sources)
 
     def _consume_if_allowed(self) -> None:
-        consumer = self.consumer
-        if (
-            not self._allowed
-            or self._consuming
-            or consumer is None
-            or consumer.closed.done()
-            or self.stopping.is_set()
-        ):
-            return
-        try:
-            for source in self.sources:
-                tag = f"{self.name}.{source.channel}.{next(self._tags)}"
-                consumer.consume_nowait(source.channel, source.queue, tag)
-                source.consumer_tag = tag
-        except amqp.AMQPError:
-            return  # the connection is closing: the session reconnects
-        self._consuming = True
-        self._set_consumers(len(self.sources))
-        log.info(
-            "consuming",
-            extra={
-                "queues": [source.queue for source in self.sources],
-                "prefetch": [self._prefetch.get(source.channel) for source in self.sources],
-                "max_held_bytes": self.settings.max_held_bytes,
-                "db_pool_size": self.settings.db_pool_size,
-                "batch_size": self.settings.batch_size,
-            },
-        )
-
-    def _cancel_nowait(self) -> None:
-        consumer = self.consumer
-        self._consuming = False
-        self._set_consumers(0)
-        if consumer is None or consumer.closed.done():
-            return
-        for source in self.sources:
-            tag, source.consumer_tag = source.consumer_tag, None
-            if tag is not None:
-                consumer.cancel_nowait(tag)
-
-    def _set_consumers(self, count: int) -> None:
-        self.health.consumers = count
-        self.metrics.consumers.set(count)
+        self.consuming.start(self.consumer, self.sources, stopping=self.stopping.is_set())
 
     # -- bytes held --------------------------------------------------------------------
 
@@ -332,34 +241,9 @@ class Session:
             self.consumer.resume()
         self.metrics.reading_paused.set(0)
 
-    def _configured_prefetch(self) -> tuple[int, int]:
-        return self.settings.prefetch, self.settings.replay_prefetch
-
-    def _scaled(self, configured: int) -> int:
-        """The prefetch for the average message size: at most the budget's worth."""
-        if self._average_size <= 0:
-            return configured
-        fits = int(self.settings.max_held_bytes // self._average_size)
-        return max(1, min(configured, fits))
-
     def adapt_prefetch(self, sizes: list[int]) -> None:
         """Follow the average message size of the batches (see the module docstring)."""
-        if not sizes:
-            return
-        size = sum(sizes) / len(sizes)
-        if self._average_size <= 0:
-            self._average_size = size
-        else:
-            self._average_size += SIZE_SMOOTHING * (size - self._average_size)
-        consumer = self.consumer
-        if consumer is None or consumer.closed.done():
-            return
-        for source, configured in zip(self.sources, self._configured_prefetch(), strict=True):
-            wanted = self._scaled(configured)
-            current = self._prefetch.get(source.channel, configured)
-            if abs(wanted - current) > PREFETCH_STEP * current:
-                consumer.set_prefetch(source.channel, wanted)
-                self._prefetch[source.channel] = wanted
+        self.prefetch.adapt(sizes, self.consumer, self.sources)
 
     # -- the topology, again -------------------------------------------------------------
 
@@ -399,27 +283,14 @@ class Session:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _back_off(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next attempt; no longer once the worker stops."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.stopping.wait()
-
-
-def unread_above(settings: Settings) -> int:
-    """Bodies larger than this are refused unread (the queue dead-letters them): half the
-    byte budget. Between PROMPTER_MAX_EVENT_BYTES and this, a body is read and refused
-    as payload_too_large with a dead-letter copy of its own, like any bad event."""
-    return settings.max_held_bytes // 2
 
 
 async def _settled(future: asyncio.Future[None]) -> None:
     """Wait for a future to finish, however it finishes."""
     with contextlib.suppress(BaseException):
         await asyncio.shield(future)
-
-
-async def _close(*connections: amqp.Connection | None) -> None:
-    for connection in connections:
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close(timeout=5)

@@ -10,7 +10,9 @@ at least once, acked after commit.
                            dead-letter, settle (ack / reject / leave) ── one per pooled
                            connection, so the next batch is decoded while one commits
 
-This module only starts the parts, supervises them and stops them: a side task that dies
+This module only starts the parts (the database: :mod:`~worker.ingest.opening`; the
+processors: :mod:`~worker.ingest.processors`; periodic reports:
+:mod:`~worker.ingest.reporting`), supervises them and stops them: a side task that dies
 stops the worker (the broker redelivers what it held to a healthy replica); the first
 SIGTERM or SIGINT stops consuming, lets the pipeline settle what is held within
 ``PROMPTER_SHUTDOWN_TIMEOUT``, then closes everything in reverse order, each with a
@@ -37,19 +39,17 @@ import asyncpg
 from worker import __version__, tracing
 from worker.amqp import broker
 from worker.config import Settings
-from worker.errors import ConfigError, SchemaError, TransientError
+from worker.errors import ConfigError, SchemaError
 from worker.ingest.batching import Dispatcher
 from worker.ingest.database import DatabaseHealth
-from worker.ingest.deadletter import DeadLetters
-from worker.ingest.pipeline import Pipeline
+from worker.ingest.opening import open_database
+from worker.ingest.processors import assemble_pipeline, process_batches
+from worker.ingest.reporting import Reporting
 from worker.ingest.session import Session
-from worker.metrics import Health, Metrics, MetricsServer, Totals, summary_text
-from worker.retry import Backoff
+from worker.metrics import Health, Metrics, MetricsServer
 from worker.security import mask_url
 from worker.signals import handle_signals
-from worker.store import schema
 from worker.store.ingest import Store
-from worker.store.pool import create_pool
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
@@ -87,6 +87,14 @@ class Worker:
         )
         self.database = DatabaseHealth(
             health=self.health, metrics=self.metrics, on_change=self.session.allow
+        )
+        self.reporting = Reporting(
+            settings,
+            metrics=self.metrics,
+            health=self.health,
+            session=self.session,
+            dispatcher=self.dispatcher,
+            stopping=self.stopping,
         )
         self.pool: asyncpg.Pool | None = None
         self.store: Store | None = None
@@ -168,9 +176,9 @@ class Worker:
             },
         )
         # Liveness ticks from the start: a worker waiting for its database is alive.
-        tick = asyncio.create_task(self._tick(), name="tick")
+        tick = asyncio.create_task(self.reporting.tick(), name="tick")
         try:
-            opened = await self._open_database()
+            self.pool = await open_database(s, self.database, self.stopping)
         except SchemaError as exc:  # one line: what is missing, and the command that fixes it
             log.error("cannot start: %s", exc)
             return 2
@@ -178,30 +186,21 @@ class Worker:
             if self.pool is None:
                 tick.cancel()
                 await asyncio.gather(tick, return_exceptions=True)
-        if not opened:
+        if self.pool is None:  # stopped first
             return 0
+        self.store = Store(self.pool, tracer=self.tracer)
         # Everything made so far (modules, settings, the pool) lives as long as the process:
         # out of the collector's sight, full collections stay short (fewer latency spikes).
         gc.collect()
         gc.freeze()
-        assert self.store is not None
-        pipeline = Pipeline(
+        pipeline = assemble_pipeline(
             s,
             store=self.store,
             session=self.session,
             dispatcher=self.dispatcher,
-            dead_letters=DeadLetters(
-                exchange=s.dead_letter_exchange,
-                publisher=self.session.publishing,
-                redeclare=self.session.redeclare,
-                renew=self.session.renew_publishing,
-                metrics=self.metrics,
-                health=self.health,
-                backoff=Backoff(cap=s.retry_max_seconds),
-                forced=self.forced,
-            ),
             database=self.database,
             metrics=self.metrics,
+            health=self.health,
             forced=self.forced,
             tracer=self.tracer,
         )
@@ -212,9 +211,9 @@ class Worker:
             tick,
         ]
         if s.log_summary_seconds > 0:
-            side.append(asyncio.create_task(self._summarize(), name="summary"))
+            side.append(asyncio.create_task(self.reporting.summarize(), name="summary"))
         processors = [
-            asyncio.create_task(self._processor(pipeline), name=f"processor-{i}")
+            asyncio.create_task(process_batches(self.dispatcher, pipeline), name=f"processor-{i}")
             for i in range(s.db_pool_size)
         ]
         for task in (*side, *processors):
@@ -231,85 +230,6 @@ class Worker:
             return 1
         log.info("stopped")
         return 0
-
-    async def _open_database(self) -> bool:
-        """Open the pool, retrying while the database is unavailable; False if stopped
-        first (a stop interrupts a connection attempt at once)."""
-        attempt = 0
-        backoff = Backoff(cap=self.settings.retry_max_seconds)
-        while not self.stopping.is_set():
-            opening = asyncio.ensure_future(self._open_pool())
-            stop = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait({opening, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not opening.done():
-                opening.cancel()
-                with contextlib.suppress(BaseException):
-                    await opening
-                return False
-            try:
-                self.pool = opening.result()
-            except TransientError as exc:
-                await self.database.failed(exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff.delay(attempt)):
-                        await self.stopping.wait()
-                attempt += 1
-                continue
-            self.store = Store(self.pool, tracer=self.tracer)
-            self.database.pool = self.pool
-            await self.database.succeeded()
-            return True
-        return False
-
-    async def _open_pool(self) -> asyncpg.Pool:
-        """The schema checked (a SchemaError stops the worker: exit 2), then the pool."""
-        await schema.require_database(self.settings)
-        return await create_pool(
-            self.settings.database_url,
-            min_size=1,
-            max_size=self.settings.db_pool_size + 1,  # one spare for the probe
-            statement_cache_size=self.settings.statement_cache_size,
-        )
-
-    async def _processor(self, pipeline: Pipeline) -> None:
-        dispatcher = self.dispatcher
-        while (batch := await dispatcher.next_batch()) is not None:
-            try:
-                await pipeline.process(batch)
-            finally:
-                dispatcher.done()
-                dispatcher.release(batch)
-
-    async def _tick(self) -> None:
-        while not self.stopping.is_set():
-            self.health.tick()
-            self.metrics.inflight.set(sum(s.held for s in self.session.sources))
-            self.metrics.bytes_held.set(self.dispatcher.held_bytes)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self.stopping.wait()
-
-    async def _summarize(self) -> None:
-        """Every PROMPTER_LOG_SUMMARY_SECONDS, one line of what happened, from the
-        metrics' counters (:meth:`Metrics.totals`); nothing when nothing happened. The
-        last stretch is summarized when the worker closes (this task is cancelled)."""
-        clock = asyncio.get_running_loop().time
-        before = self.metrics.totals(clock())
-        try:
-            while True:
-                await asyncio.sleep(self.settings.log_summary_seconds)
-                before = self._summary(before, clock())
-        finally:
-            self._summary(before, clock())
-
-    def _summary(self, before: Totals, now: float) -> Totals:
-        totals = self.metrics.totals(now)
-        fields = totals.since(before)
-        if fields is not None:
-            fields["held"] = sum(s.held for s in self.session.sources)
-            log.info(summary_text(fields), extra=fields)
-        return totals
 
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
