@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gzip
+import logging
 import re
 import time
 import uuid
@@ -455,11 +456,17 @@ async def test_direct_backfill_resumes_from_its_checkpoint(
 
 
 async def test_direct_backfill_retries_transient_database_faults(
-    settings: Settings, conn: asyncpg.Connection, pool: asyncpg.Pool, tmp_path: Path
+    settings: Settings,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A transient fault, a DatabaseError (a table missing while a migration runs) as much
     as a lost connection, is retried with the one policy (worker.retry), as the worker
-    retries it: the run completes and every event is stored once."""
+    retries it: the run completes and every event is stored once; the first failure and the
+    recovery are logged, as the worker logs them."""
+    caplog.set_level(logging.INFO, logger="worker.backfill.sinks")
     tenant = await make_tenant(conn)
     path = write_jsonl(tmp_path / "h.jsonl", history(tenant, 30))
     faults: list[Exception] = [DatabaseError("relation missing"), DatabaseUnavailable("down")]
@@ -480,6 +487,11 @@ async def test_direct_backfill_retries_transient_database_faults(
     assert not faults
     assert sum(f.stored for f in report.files) == 30
     assert await count(conn) == 30
+    said = [r.getMessage() for r in caplog.records if r.name == "worker.backfill.sinks"]
+    assert said == [
+        "a batch could not be stored, retrying: relation missing",
+        "batches are stored again after 2 failed attempts",
+    ]
 
 
 async def test_direct_backfill_without_the_schema_is_a_clear_error(

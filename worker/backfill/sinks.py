@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -25,7 +26,7 @@ from worker import tracing
 from worker.errors import Rejection, TransientError
 from worker.events import Event
 from worker.publisher import Prepared, Publisher
-from worker.retry import Backoff
+from worker.retry import Backoff, Retrying
 from worker.store.ingest import Outcome, Store
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from worker.backfill.run import OpenFile, Run
 
 DIRECT_ATTEMPTS: Final = 6  # tries of one batch on transient database faults
+
+log = logging.getLogger(__name__)
 
 _Batch = list[tuple[int, Event]]  # (line number, event)
 
@@ -126,6 +129,11 @@ class DirectSink:
         self.batch_size = batch_size
         self.batch_bytes = batch_bytes
         self.backoff = backoff
+        self.retrying = Retrying(
+            failing="a batch could not be stored",
+            recovered="batches are stored again",
+            logger=log,
+        )
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._batch: _Batch = []
@@ -176,9 +184,11 @@ class DirectSink:
         while True:
             try:
                 result = await self.store.ingest(events)
+                self.retrying.succeeded()
                 break
             except TransientError as exc:  # retried, as everywhere (worker.retry)
                 attempt += 1
+                self.retrying.failed(exc, events=len(batch), attempt=attempt)
                 if attempt >= DIRECT_ATTEMPTS or run.stop.is_set() or run.failure:
                     file.report.unconfirmed += len(batch)
                     run.fail(exc)
