@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,19 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
     """Every part runs against the local servers and the report, its JSON and its plot are
     written (the numbers of a quick run mean nothing, so none is asserted)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", *PARTS, "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    [md] = tmp_path.glob("*.md")
-    [raw] = tmp_path.glob("*.json")
+    text, data = _quick_run(PARTS, tmp_path, timeout=600)
     [png] = tmp_path.glob("*.png")
-    text = md.read_text()
     for section in (
         "## Draining a pre-filled queue",
         "## Ingest alone vs COPY",
@@ -44,7 +34,6 @@ def test_quick_benchmark_writes_its_report(tmp_path: Path) -> None:
         "e / a: worker CPU per event",
     ):
         assert section in text, section
-    data = json.loads(raw.read_text())
     assert data["quick"] is True
     assert data["latency"]["runs"][0]["count"] > 0
     assert data["rss"][0]["peak_rss_bytes"] > 0
@@ -56,18 +45,7 @@ def test_quick_benchmark_of_large_events_writes_its_report(tmp_path: Path) -> No
     """The production-sized parts run (sizes with MB/s beside the bare consumer and COPY,
     peak RSS on backlogs of the mix and of 1 MiB events, growth v4 vs v7, pglz vs lz4) and
     their sections, raw numbers and two plots are written."""
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", *LARGE_PARTS, "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    [md] = tmp_path.glob("*.md")
-    [raw] = tmp_path.glob("*.json")
-    text = md.read_text()
+    text, data = _quick_run(LARGE_PARTS, tmp_path, timeout=300)
     for section in (
         "## Events/s and MB/s by event size",
         "Target: worker MB/s on the mix >= 0.7x COPY's",
@@ -76,7 +54,6 @@ def test_quick_benchmark_of_large_events_writes_its_report(tmp_path: Path) -> No
         "## TOAST compression: pglz vs lz4",
     ):
         assert section in text, section
-    data = json.loads(raw.read_text())
     assert set(data["sizes"]) == {"mix", "2 KiB", "64 KiB", "1 MiB"}
     for name, run in data["sizes"].items():
         assert all(v > 0 for v in run["mb_per_second"].values()), name
@@ -93,3 +70,19 @@ def test_quick_benchmark_of_large_events_writes_its_report(tmp_path: Path) -> No
     for png in ("sizes", "growth"):
         [path] = tmp_path.glob(f"*-{png}.png")
         assert path.stat().st_size > 10_000
+
+
+def _quick_run(parts: tuple[str, ...], out: Path, *, timeout: float) -> tuple[str, Any]:
+    """``python -m bench --quick --only PARTS``: its report's text and its raw numbers."""
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", *parts, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [md] = out.glob("*.md")
+    [raw] = out.glob("*.json")
+    return md.read_text(), json.loads(raw.read_text())
