@@ -30,7 +30,7 @@ from tests.helpers import run_cli
 from worker import logs
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.security import mask_url, tls_warnings
+from worker.security import check_amqp_url, mask_url, split_urls, tls_warnings
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = ("prompt_templates", "prompt_versions", "prompt_results")
@@ -446,6 +446,25 @@ def test_no_piece_of_a_password_reaches_any_output(tmp_path: Path, variant: str)
 _PASSWORDS = st.text(alphabet=st.sampled_from(list(",#@:%/?;=ab%2C[]")), min_size=1).map(
     lambda p: "k" + p + "k"  # a password that a masked output can never hold by chance
 )
+
+
+@settings(max_examples=300, deadline=None)
+@example(passwords=["k,amqp://k"])  # a cluster list's separator inside a password
+@given(passwords=st.lists(_PASSWORDS, min_size=1, max_size=3))
+def test_an_accepted_amqp_url_hides_its_passwords_node_by_node(passwords: list[str]) -> None:
+    """AMQP_URL is either refused at start or every node of it, as the broker connects to
+    them and names them in errors one by one, hides its whole password: a password holding
+    `,amqp://` must not split into a node of its own that prints the password's start."""
+    url = ",".join(f"amqp://user:{p}@host{i}/" for i, p in enumerate(passwords))
+    try:
+        checked = check_amqp_url(url)
+    except ValueError as exc:
+        refused = str(exc)
+    else:
+        refused = ""
+        for node in split_urls(checked):
+            assert "k" not in mask_url(node), node
+    assert "k" not in refused
 
 
 @settings(max_examples=300, deadline=None)

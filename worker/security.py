@@ -128,11 +128,14 @@ def check_amqp_url(raw: str) -> str:
     urls = split_urls(raw)
     if not urls:
         raise ValueError("must name at least one amqp:// or amqps:// URL")
+    # The user-info of each URL as masking reads it: a password holding `,amqp://` is one
+    # URL to mask_url, but two nodes to split_urls, the first printing the password's start.
+    for url in _masked_parts(urls):
+        _check_userinfo(url, separator=",")  # commas separate the nodes of a cluster
     for url in urls:
         scheme = urllib.parse.urlsplit(url).scheme
         if scheme not in ("amqp", "amqps"):
             raise ValueError(f"must be an amqp:// or amqps:// URL, got {mask_url(url)}")
-        _check_userinfo(url, separator=",")  # commas separate the nodes of a cluster
     return ",".join(urls)
 
 
