@@ -93,14 +93,16 @@ async def queue_status(connection: aiormq.Connection, queue: str) -> QueueStatus
             await channel.close()
 
 
-async def _queues(settings: Settings) -> list[QueueStatus]:
-    connection = await broker.connect(settings.amqp_url, name="prompter-status")
+async def queue_statuses(settings: Settings, *, name: str) -> list[QueueStatus]:
+    """The live, replay and dead-letter queues, in that order, over one connection named
+    ``name`` (closed within 10 s whatever the broker does)."""
+    connection = await broker.connect(settings.amqp_url, name=name)
     try:
         names = (settings.queue, settings.replay_queue, settings.dead_letter_queue)
-        return [await queue_status(connection, name) for name in names]
+        return [await queue_status(connection, queue) for queue in names]
     finally:
         with contextlib.suppress(Exception):
-            await connection.close()
+            await asyncio.wait_for(connection.close(), timeout=10)
 
 
 async def _database(
@@ -141,7 +143,11 @@ async def collect(settings: Settings) -> Status:
     estimated: list[str] = []
     newest: datetime | None = None
     state: SchemaState | None = None
-    q, d = await asyncio.gather(_queues(settings), _database(settings), return_exceptions=True)
+    q, d = await asyncio.gather(
+        queue_statuses(settings, name="prompter-status"),
+        _database(settings),
+        return_exceptions=True,
+    )
     if isinstance(q, BaseException):
         errors.append(str(q) if isinstance(q, BrokerUnavailable) else f"broker: {q}")
     else:

@@ -17,14 +17,11 @@ messages waiting in <queue>".
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from dataclasses import dataclass
 
-from worker.amqp import broker
 from worker.commands import deadletters
 from worker.commands.deadletters import DeadLetter
-from worker.commands.status import QueueStatus, queue_status
+from worker.commands.status import QueueStatus, queue_statuses
 from worker.config import Settings
 from worker.errors import ConfigError
 
@@ -38,13 +35,7 @@ class BrokerView:
 
 
 async def look_in_broker(settings: Settings, event_id: str, limit: int) -> BrokerView:
-    connection = await broker.connect(settings.amqp_url, name="prompter-worker trace")
-    try:
-        names = (settings.queue, settings.replay_queue, settings.dead_letter_queue)
-        live, replay, dead = [await queue_status(connection, name) for name in names]
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), timeout=10)
+    live, replay, dead = await queue_statuses(settings, name="prompter-worker trace")
     copies: tuple[DeadLetter, ...] = ()
     scanned = 0
     if dead.ready:
