@@ -142,6 +142,10 @@ def test_missing_required_field_is_named(name: str) -> None:
         ("occurred_at", "20250814T141329Z"),  # ISO basic format, not RFC 3339
         ("occurred_at", "\uff12\uff10\uff12\uff15-08-14T14:13:29Z"),  # fullwidth digits
         ("occurred_at", 1723644809),
+        # Python's first instant: asyncpg would store it as -infinity
+        ("occurred_at", "0001-01-01T00:00:00Z"),
+        ("occurred_at", "0001-01-01T01:00:00+01:00"),  # the same instant
+        ("fingerprint_captured_at", "0001-01-01T00:00:00Z"),
         ("fingerprint_captured_at", "yesterday"),
         ("provider", ""),
         ("provider", "   "),

@@ -300,9 +300,11 @@ def _timestamp(value: object, latest: datetime | None) -> datetime | str:
     except ValueError as exc:
         return f"is not a real date and time ({exc})"
     try:
-        parsed.astimezone(UTC)
+        utc = parsed.astimezone(UTC).replace(tzinfo=None)
     except OverflowError:
         return "is out of range: in UTC it falls outside the years 1 to 9999"
+    if utc in (datetime.min, datetime.max):  # asyncpg encodes these two as -/+infinity
+        return "is out of range: the first or last instant of the years 1 to 9999 in UTC"
     if latest is not None and parsed > latest:
         return f"lies in the future (later than {latest.isoformat(timespec='seconds')})"
     return parsed
