@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiormq.exceptions
 import asyncpg
@@ -23,12 +24,19 @@ from tests.factories import Tenant, encode, event_doc, make_tenant, snapshot
 from tests.helpers import close_connections_named, count, drain, queue_depth, running, wait_until
 from worker.amqp import broker
 from worker.backfill import pacing, replay
+from worker.backfill import run as run_module
 from worker.backfill.checkpoint import Checkpoint
 from worker.backfill.options import ReplayOptions
 from worker.backfill.reports import render
 from worker.backfill.sinks import BrokerSink
 from worker.config import Settings
-from worker.errors import ConfigError, DatabaseError, DatabaseUnavailable, InputError
+from worker.errors import (
+    ConfigError,
+    DatabaseError,
+    DatabaseUnavailable,
+    InputError,
+    Rejection,
+)
 from worker.events import Event
 from worker.ingest.worker import Worker
 from worker.publisher import Publisher
@@ -554,3 +562,46 @@ async def test_the_direct_progress_bar_ends_at_the_size_of_its_one_file(
     assert shown, err[-500:]
     size = tqdm.format_sizeof(path.stat().st_size, divisor=1024)
     assert tuple(s.removesuffix("B") for s in shown[-1]) == (size, size)
+
+
+async def test_progress_and_checkpoints_tick_by_lines_read_whatever_their_numbers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic tick (progress, the checkpoint's clock) comes every TICK_EVERY_LINES
+    lines read: also in a file whose records are separated by blank lines (every valid
+    line's number odd) or whose lines are mostly invalid."""
+    tenant = Tenant(str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4()))
+    n = 20 * run_module.TICK_EVERY_LINES
+    spaced = write_jsonl(tmp_path / "spaced.jsonl", [b"%s\n" % encode(event_doc(tenant))] * n)
+    junk = write_jsonl(tmp_path / "junk.jsonl", [b"{"] * n)
+    ticks: list[bool] = []
+    tick = run_module.Run.tick
+
+    def counted(self: run_module.Run, reader: Any, force: bool = False) -> None:
+        ticks.append(force)
+        tick(self, reader, force)
+
+    monkeypatch.setattr(run_module.Run, "tick", counted)
+    for path in (spaced, junk):
+        ticks.clear()
+        options = ReplayOptions(paths=[str(path)], dry_run=True)
+        await replay.replay_files(options, None, max_bytes=1_048_576)
+        assert ticks.count(False) >= 20 - 1, path  # was 0 for both
+
+
+def test_refused_lines_are_on_disk_before_a_checkpoint_counts_them(tmp_path: Path) -> None:
+    """A checkpoint saved mid-run settles refused lines: their records in the rejects file
+    are flushed to disk first (a crash after the save cannot lose them)."""
+    path = write_jsonl(tmp_path / "h.jsonl", [b"{"])
+    rejects = tmp_path / "rejects.jsonl"
+    options = ReplayOptions(
+        paths=[str(path)], checkpoint_path=str(tmp_path / "cp"), rejects_path=str(rejects)
+    )
+    run = run_module.Run(options, dry_run=False, stop=None)
+    file = run.open_file(run.inputs[0])
+    assert file is not None
+    run.invalid(file, 1, Rejection("invalid_json", "unexpected end"))
+    file.mark.skip(1)
+    run.save()
+    assert orjson.loads(rejects.read_bytes())["line"] == 1
+    run.finish()

@@ -48,11 +48,6 @@ class Backoff:
         return raw * random.uniform(0.5, 1.0)
 
 
-def backoff(attempt: int, cap: float) -> float:
-    """:meth:`Backoff.delay` with ``cap``: for callers without a policy object."""
-    return Backoff(cap=cap).delay(attempt)
-
-
 @dataclass(kw_only=True)
 class Retrying:
     """The log lines of one kind of fault: the first failure (``"<failing>, retrying:

@@ -43,7 +43,7 @@ from worker.backfill.options import (
 )
 from worker.backfill.pacing import Stop, stop_on_signals
 from worker.backfill.reports import Report
-from worker.backfill.run import check_inputs, load_checkpoint, replay_files
+from worker.backfill.run import Checked, replay_files
 from worker.backfill.sinks import DIRECT_ATTEMPTS, BrokerSink, DirectSink
 from worker.config import Settings
 from worker.errors import WorkerError
@@ -70,10 +70,10 @@ async def run(settings: Settings, options: ReplayOptions) -> Report:
     Raises only for what is wrong before anything is sent (an unreadable input, a changed
     file, a bad checkpoint, a database without the schema); everything later is in the
     report."""
-    check_inputs(tuple(options.paths), load_checkpoint(options), force=options.force)
+    checked = Checked.of(options)
     stop = Stop()
     if options.direct:
-        return await _run_direct(settings, options, stop)
+        return await _run_direct(settings, options, stop, checked)
     # The publisher connects on its first send, after the inputs were checked.
     publisher = None
     if not options.dry_run:
@@ -86,13 +86,17 @@ async def run(settings: Settings, options: ReplayOptions) -> Report:
     try:
         sink = BrokerSink(publisher, routing_key=options.routing_key) if publisher else None
         with stop_on_signals(stop):
-            return await replay_files(options, sink, max_bytes=settings.max_event_bytes, stop=stop)
+            return await replay_files(
+                options, sink, max_bytes=settings.max_event_bytes, stop=stop, checked=checked
+            )
     finally:
         if publisher is not None:
             await publisher.close(grace=0 if stop.now.is_set() else None)
 
 
-async def _run_direct(settings: Settings, options: ReplayOptions, stop: Stop) -> Report:
+async def _run_direct(
+    settings: Settings, options: ReplayOptions, stop: Stop, checked: Checked
+) -> Report:
     """``replay --direct``: a pool of ``options.concurrency`` connections, one batch in
     flight on each."""
     pool = None
@@ -102,7 +106,9 @@ async def _run_direct(settings: Settings, options: ReplayOptions, stop: Stop) ->
             pool = await _open_pool(settings, options.concurrency)
             sink = direct_sink(Store(pool, tracer=tracing.current()), settings, options)
         with stop_on_signals(stop):
-            return await replay_files(options, sink, max_bytes=settings.max_event_bytes, stop=stop)
+            return await replay_files(
+                options, sink, max_bytes=settings.max_event_bytes, stop=stop, checked=checked
+            )
     finally:
         if pool is not None:
             await asyncio.wait_for(pool.close(), timeout=30)

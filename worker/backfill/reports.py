@@ -6,6 +6,7 @@ content; the rejects file (``--rejects``) holds the same, one JSON object per li
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -231,6 +232,12 @@ class Rejects:
                 ) from None
         self._fh.write(orjson.dumps(invalid.as_dict()) + b"\n")
         self.written += 1
+
+    def flush(self) -> None:
+        """Everything written so far on disk (before a checkpoint counts those lines)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         if self._fh is not None:

@@ -66,6 +66,20 @@ def load_checkpoint(options: ReplayOptions) -> Checkpoint | None:
     return Checkpoint.load(options.checkpoint_path) if options.checkpoint_path else None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Checked:
+    """A run's checkpoint and its inputs checked against it, before anything is sent."""
+
+    checkpoint: Checkpoint | None
+    inputs: list[Input]
+
+    @classmethod
+    def of(cls, options: ReplayOptions) -> Checked:
+        checkpoint = load_checkpoint(options)
+        inputs = check_inputs(tuple(options.paths), checkpoint, force=options.force)
+        return cls(checkpoint=checkpoint, inputs=inputs)
+
+
 @dataclass(eq=False, kw_only=True)
 class OpenFile:
     """A file being sent: the sink settles its lines on ``mark`` and counts on ``report``."""
@@ -85,9 +99,17 @@ class Run:
     """One run's state, whatever the sink: the report, checkpoint, progress, rejects, stop,
     and the first failure (which stops reading)."""
 
-    def __init__(self, options: ReplayOptions, *, dry_run: bool, stop: Stop | None) -> None:
-        self.checkpoint = load_checkpoint(options)
-        self.inputs = check_inputs(tuple(options.paths), self.checkpoint, force=options.force)
+    def __init__(
+        self,
+        options: ReplayOptions,
+        *,
+        dry_run: bool,
+        stop: Stop | None,
+        checked: Checked | None = None,
+    ) -> None:
+        checked = checked or Checked.of(options)
+        self.checkpoint = checked.checkpoint
+        self.inputs = checked.inputs
         rejects_path = options.rejects_path
         self.rejects = Rejects(rejects_path) if rejects_path else None
         self.report = Report(
@@ -125,17 +147,18 @@ class Run:
         Invalid lines are reported and settled here; it ends early on a failure or a stop.
         ``file.read_to_end`` tells afterwards whether the file was read to its end."""
         file.read_to_end = False
-        for line, item in reader.events(after=file.input.after, columns=columns):
+        events = reader.events(after=file.input.after, columns=columns)
+        for seen, (line, item) in enumerate(events, 1):
             if self.failure or self.stop.is_set():
                 return
+            if seen % TICK_EVERY_LINES == 0:  # lines read, valid or not, whatever their numbers
+                self.tick(reader)
             if isinstance(item, Rejection):
                 self.invalid(file, line, item)
                 file.mark.skip(line)
                 continue
             file.report.valid += 1
             yield line, item
-            if line % TICK_EVERY_LINES == 0:
-                self.tick(reader)
         file.read_to_end = True
 
     def invalid(
@@ -189,6 +212,8 @@ class Run:
                     and report.held_back is None
                 )
                 self.checkpoint.record(file.input.identity, file.mark.value, complete=complete)
+        if self.rejects is not None:  # the lines it settles as refused are on disk first
+            self.rejects.flush()
         self.checkpoint.save()
 
     def finish(self) -> Report:
@@ -208,13 +233,19 @@ class Run:
 
 
 async def replay_files(
-    options: ReplayOptions, sink: Sink | None, *, max_bytes: int, stop: Stop | None = None
+    options: ReplayOptions,
+    sink: Sink | None,
+    *,
+    max_bytes: int,
+    stop: Stop | None = None,
+    checked: Checked | None = None,
 ) -> Report:
     """Hand every valid line of ``options.paths`` to ``sink`` (None: a dry run, which
     validates and reports). Raises only for what is wrong before anything is sent (an
-    unreadable input, a changed file, a bad checkpoint); what happens to events, the broker
-    or the database is in the report, with the error that stopped the run."""
-    run = Run(options, dry_run=sink is None, stop=stop)
+    unreadable input, a changed file, a bad checkpoint: ``checked`` if the caller checked
+    them already); what happens to events, the broker or the database is in the report,
+    with the error that stopped the run."""
+    run = Run(options, dry_run=sink is None, stop=stop, checked=checked)
     pacer = Pacer(options.rate)
     columns = sink is not None and sink.columns
     try:

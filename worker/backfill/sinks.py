@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from worker import tracing
@@ -199,7 +199,14 @@ class DirectSink:
                 run.fail(exc)
                 return
         if span is not None:
-            span.set_attributes(_counts(result.outcomes, attempt))
+            span.set_attributes(
+                {
+                    "prompter.stored": result.stored,
+                    "prompter.duplicates": result.duplicates,
+                    "prompter.rejected": len(result.rejected),
+                    "prompter.retries": attempt,
+                }
+            )
         report = file.report
         for (line, event), outcome in zip(batch, result.outcomes, strict=True):
             if isinstance(outcome, Rejection):
@@ -212,13 +219,3 @@ class DirectSink:
                 else:
                     report.duplicates += 1
             file.mark.confirmed(line)
-
-
-def _counts(outcomes: Sequence[Outcome | Rejection], retries: int) -> dict[str, int]:
-    """A ``replay --direct`` batch's span attributes."""
-    return {
-        "prompter.stored": sum(o is Outcome.STORED for o in outcomes),
-        "prompter.duplicates": sum(o is Outcome.DUPLICATE for o in outcomes),
-        "prompter.rejected": sum(isinstance(o, Rejection) for o in outcomes),
-        "prompter.retries": retries,
-    }
