@@ -14,7 +14,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp import frame as amqp_frame
@@ -242,3 +242,26 @@ def test_an_oversized_frame_closes_the_connection_before_it_is_buffered() -> Non
     assert got == []
     assert longest <= 107
     assert "exceeds the negotiated frame_max" in str(protocol.closed.exception())
+
+
+@settings(max_examples=150, deadline=None)
+@example(properties=RawProperties({"content_type": b"application/json"}), keep=14)
+@given(property_lists(), st.integers(14, 1 << 12))
+def test_a_property_list_cut_short_is_a_delivery_refused_not_a_closed_connection(
+    properties: RawProperties, keep: int
+) -> None:
+    """A content header (body size 0) whose property list ends early, down to the flags
+    alone: the delivery comes out, marked invalid when the reader had to look into it (it
+    is then dead-lettered as invalid_properties), and the connection stays open. A
+    14-byte header announcing a content type used to raise IndexError in the reader and
+    close the connection: every redelivery the same."""
+    header = properties.build(0)
+    cut_short = header[: min(keep, len(header))]
+    data = frame(1, 1, deliver_method(1, False, b"prompt_run.v1")) + frame(2, 1, cut_short)
+    got, protocol, _ = parse([data])
+    assert not protocol.closed.done()
+    [delivery] = got
+    if len(cut_short) < len(header) and "headers" in properties.fields:
+        assert delivery.invalid is not None
+    if len(cut_short) == 14 and "content_type" in properties.fields:
+        assert delivery.invalid is not None

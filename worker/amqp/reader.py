@@ -180,6 +180,10 @@ class FrameReader:
     def _inspect(self, delivery: Delivery, payload: bytes, flags: int) -> None:
         """The rarer properties: a content type other than JSON, an encoding, headers."""
         if flags & 0x8000:
+            if len(payload) < 15:
+                delivery.invalid = "the property list ends inside content_type"
+                delivery.plain_json = False
+                return
             length = payload[14]
             if payload[15 : 15 + length] != _EXACT_JSON:
                 delivery.plain_json = False
