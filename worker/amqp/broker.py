@@ -32,10 +32,10 @@ from typing import Any, Final
 
 import aiormq
 import aiormq.exceptions
-from pamqp import commands as spec
 
 from worker import __version__
 from worker.amqp.endpoint import verification_disabled
+from worker.amqp.handshake import parse_version
 from worker.config import Settings
 from worker.errors import BrokerUnavailable, ConfigError
 from worker.logs import redact
@@ -91,13 +91,7 @@ class Topology:
 
 
 def broker_version(connection: aiormq.Connection) -> tuple[int, ...]:
-    raw = connection.server_properties.get("version", b"0")
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
+    return parse_version(connection.server_properties.get("version", b"0"))
 
 
 def _with_defaults(url: str, name: str) -> str:
@@ -245,24 +239,3 @@ async def open_topology(
     finally:
         if not channel.is_closed:
             await channel.close()
-
-
-def republished_properties(
-    props: spec.Basic.Properties, headers: dict[str, Any]
-) -> spec.Basic.Properties:
-    """A message's own properties with new ``headers``, for publishing it again (to the
-    dead-letter exchange, or back after a fix): persistent, no expiry (a dead letter must
-    not expire), no user id (the broker checks it against the publishing user)."""
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=headers,
-        delivery_mode=2,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        message_type=props.message_type,
-        app_id=props.app_id,
-    )

@@ -101,7 +101,7 @@ class Delivery:
 
     @property
     def size(self) -> int:
-        """Bytes this delivery holds (its body, or what an oversize body would have)."""
+        """Bytes this delivery holds: its body (empty when oversize) and its content header."""
         return len(self.body) + len(self._header)
 
 

@@ -46,11 +46,9 @@ __all__ = [
     "ByteArray",
     "Malformed",
     "RawProperties",
-    "body_size",
     "check_table",
     "decode_table",
     "encode_entries",
-    "shortstr",
     "table_entries",
     "table_int",
     "table_spans",
@@ -145,11 +143,6 @@ class RawProperties:
         raw = self.fields.get(name)
         return None if raw is None else raw[0]
 
-    def header_int(self, key: bytes) -> int | None:
-        """An integer entry of the headers table, or None if absent or not an integer."""
-        table = self.fields.get("headers")
-        return None if table is None else table_int(table, key)
-
     def header_keys(self) -> list[bytes]:
         table = self.fields.get("headers")
         return [] if table is None else [key for key, _, _ in table_entries(table)]
@@ -216,18 +209,4 @@ def _u32(data: memoryview, at: int, what: str) -> int:
     if at + 4 > len(data):
         raise Malformed(f"the property list ends before {what}")
     value: int = _U32.unpack_from(data, at)[0]
-    return value
-
-
-def shortstr(value: str | bytes) -> bytes:
-    """A raw short-string property value (``value`` encoded as UTF-8 if text)."""
-    raw = value.encode() if isinstance(value, str) else value
-    if len(raw) > 255:
-        raise ValueError("a short string is at most 255 bytes")
-    return raw
-
-
-def body_size(payload: bytes | memoryview) -> int:
-    """The body size a content header payload announces."""
-    value: int = _U64.unpack_from(payload, 4)[0]
     return value

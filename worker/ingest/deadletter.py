@@ -105,7 +105,7 @@ def copy_of(
             ]
         )
 
-    size = len(delivery.body) or delivery.oversize
+    size = len(delivery.body)  # an oversize body is rejected unread, never copied
     try:
         original = delivery.properties
     except Malformed:
@@ -181,7 +181,7 @@ class DeadLetters:
                 return {i for i, _ in todo}
             publishing = self._publisher()
             if publishing is None or publishing[0].closed.done():
-                await self._wait(attempt, "no connection to the broker")
+                await self._wait(attempt)
                 attempt += 1
                 continue
             connection, channel = publishing
@@ -213,7 +213,7 @@ class DeadLetters:
             if refused:  # a nack, or no confirm: the next attempt on a new channel
                 with contextlib.suppress(amqp.AMQPError, TimeoutError):
                     await self._renew(channel)
-            await self._wait(attempt, problem)
+            await self._wait(attempt)
             attempt += 1
 
     async def _one(
@@ -252,8 +252,7 @@ class DeadLetters:
             },
         )
 
-    async def _wait(self, attempt: int, why: str) -> None:
-        del why
+    async def _wait(self, attempt: int) -> None:
         try:
             async with asyncio.timeout(self.backoff.delay(attempt)):
                 await self.forced.wait()

@@ -134,7 +134,6 @@ class Tally:
     """Counts the confirms of publish_many without keeping its futures."""
 
     def __init__(self) -> None:
-        self.sent = 0
         self.confirmed = 0
         self.failures: list[BaseException] = []
         self._open = 0
@@ -142,7 +141,6 @@ class Tally:
         self._all_settled.set()
 
     def follow(self, future: asyncio.Future[None]) -> None:
-        self.sent += 1
         self._open += 1
         self._all_settled.clear()
         future.add_done_callback(self._note)
