@@ -359,3 +359,14 @@ async def test_redrive_consumes_with_a_prefetch(settings: Settings) -> None:
     await wait_until(lambda: _depth_is(settings.dead_letter_queue, 0), within=30, message="empty")
     assert await queue_depth(settings.queue) == 20_000
     print(f"redrive: {len(report.redriven) / report.elapsed:,.0f} messages/s")
+
+
+def test_an_event_id_selects_in_any_form_a_uuid_is_written() -> None:
+    """--event-id accepts what uuid.UUID accepts (upper case, no dashes, braces, urn:) and
+    selects by the contract's form, the one message ids carry; lowering the case alone
+    left the other forms matching nothing ("redrove 0", exit 0)."""
+    from worker.commands.deadletters_cli import _selection
+
+    value = uuid.uuid4()
+    for written in (str(value).upper(), value.hex, f"{{{value}}}", value.urn):
+        assert _selection((), (written,), (), None).event_ids == {str(value)}

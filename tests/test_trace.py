@@ -461,3 +461,14 @@ async def test_the_commit_time_is_the_batch_s_when_tracked(tracking_postgres: st
     assert first.committed_at > first.occurred_at
     text = trace.render(trace.Trace(event_id=first.event_id, database="", broker="", stored=first))
     assert "s after it occurred; the batch's transaction)" in text
+
+
+def test_the_dead_letter_limit_is_refused_beyond_what_is_looked_at() -> None:
+    """--dead-letter-limit goes as far as a listing can (65,535, a prefetch): a larger
+    value is a usage error naming the option, not a limit silently capped while the answer
+    says "--dead-letter-limit looks further"."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    out = run_cli("trace", str(uuid.uuid4()), "--dead-letter-limit", "70000", env=env)
+    assert out.returncode == 2
+    assert "--dead-letter-limit" in out.stderr
+    assert "65535" in out.stderr

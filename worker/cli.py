@@ -150,7 +150,7 @@ DEMO_WORKSPACE_ID = "d3e0d3e0-0000-4000-8000-00000000000b"
     "--dead-letter-limit",
     default=DEFAULT_TRACE_DEAD_LETTERS,
     show_default=True,
-    type=click.IntRange(1, 1_000_000),
+    type=click.IntRange(1, 65_535),  # what one listing takes (a prefetch count)
     help="Most dead letters to look at (from the head of the dead-letter queue).",
 )
 @settings_options(

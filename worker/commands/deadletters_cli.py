@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from typing import Any
 
 import click
@@ -61,7 +62,7 @@ def _selection(
         check_uuid(value, "--event-id")
     return deadletters.Selection(
         reasons=frozenset(reasons),
-        event_ids=frozenset([*(e.lower() for e in event_ids), *keys]),
+        event_ids=frozenset([*(str(uuid.UUID(e)) for e in event_ids), *keys]),
         limit=limit,
     )
 
