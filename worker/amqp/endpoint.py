@@ -60,7 +60,7 @@ class Endpoint:
             cadata=base64.b64decode(cadata) if cadata else None,
             certfile=query.get("certfile"),
             keyfile=query.get("keyfile"),
-            verify=query.get("no_verify_ssl", "0") == "0",
+            verify=not verification_disabled(query),
         )
 
     def ssl_context(self) -> ssl.SSLContext | None:
