@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -86,7 +87,7 @@ def _heartbeat(raw: str) -> int:
     return value if 0 <= value < 65535 else 0
 
 
-def verification_disabled(query: dict[str, str]) -> bool:
+def verification_disabled(query: Mapping[str, str]) -> bool:
     """Whether an AMQP URL's query turns certificate verification off: ``no_verify_ssl``
     set to anything but ``0``, as aiormq reads it."""
     return query.get("no_verify_ssl", "0") != "0"
