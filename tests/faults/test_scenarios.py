@@ -173,8 +173,16 @@ async def test_sigterm_mid_stream_redelivers_nothing(scenario: ScenarioFactory) 
         await s.wait_rows(5000)
         first.signal(signal.SIGTERM)
         assert await first.wait(60) == 0, first.tail()
-        _, unacked, _ = (await asyncio.to_thread(s.queues))[0]
-        assert unacked == 0
+
+        async def nothing_unacked() -> bool:
+            _, unacked, _ = (await asyncio.to_thread(s.queues))[0]
+            return unacked == 0
+
+        # A quorum queue applies acks through its log: right after the exit it may still
+        # count the last ones (one CI run saw 44). Whether they were really acked before
+        # the exit is what the proxy's count of deliveries proves below: an unacked one
+        # would be handed to the successor again.
+        await wait_for(nothing_unacked, within=10, message="the first worker's acks applied")
         await (await s.worker(amqp_url=url).start()).ready()
         await publishing
         await s.account(publisher, consumers=1)
