@@ -187,11 +187,27 @@ async def test_the_database_returning_while_reading_is_paused_resumes_without_a_
     admin = await asyncpg.connect(ADMIN_URL)
     try:
         async with running(worker):
-            await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
-            )
-            await publish(bodies, settings.exchange)
+            # The first batch waits on a lock while the rest fill the budget; then the
+            # database goes away under it. (Taking the database away first raced with the
+            # publishing: on a loaded machine the worker saw the outage and cancelled its
+            # consumers before the budget was full.)
+            held = conn.transaction()
+            await held.start()
+            await conn.execute("LOCK TABLE prompt_results IN ACCESS EXCLUSIVE MODE")
+            try:
+                await publish(bodies, settings.exchange)
+
+                async def full() -> bool:
+                    return worker.dispatcher.full
+
+                await wait_until(full, within=30, message="the budget held")
+                await admin.execute(f'ALTER ROLE "{role}" NOLOGIN')
+                await admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                    role,
+                )
+            finally:
+                await held.rollback()
 
             async def full_and_down() -> bool:
                 return worker.dispatcher.full and not worker.health.database_ok
